@@ -1,0 +1,1 @@
+"""Reading public checkpoint files and converting them to the project's parameters."""

@@ -1,0 +1,1 @@
+"""Shared building blocks: layers that carry logical axis names."""

@@ -1,0 +1,111 @@
+"""Frozen pretrained weights and LoRA adapters.
+
+PixelLLM keeps its language model frozen and trains low-rank adapters (Hu et al., 2021):
+``y = x W + scale * (x A) B`` with ``A: [in, r]`` random, ``B: [r, out]`` zero, so step 0 equals
+the base model.
+
+Variable types decide what trains:
+
+* :class:`FrozenParam` holds pretrained weights. It subclasses ``nnx.Variable`` and **not**
+  ``nnx.Param``, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, ``nnx.grad(..., wrt=nnx.Param)``
+  or ``nnx.state(model, nnx.Param)`` never see it: no gradient, no optimizer state, no update.
+* LoRA factors are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``): trainable by default.
+  Select them alone with ``nnx.state(model, nnx.LoRAParam)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelllm.checkpoints import assign as assign_lib
+
+
+class FrozenParam(nnx.Variable):
+    """A pretrained weight that never trains (deliberately not an ``nnx.Param``)."""
+
+
+def weight(value: jax.Array, axes: tuple[str | None, ...], *, frozen: bool) -> nnx.Variable:
+    """A ``FrozenParam`` or a trainable ``nnx.Param`` carrying logical axes."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match shape {value.shape}")
+    return (FrozenParam if frozen else nnx.Param)(value, logical_axes=tuple(axes))
+
+
+class LoRALinear(nnx.Module):
+    """A dense layer ``x @ kernel (+ bias)`` with an optional rank-``rank`` adapter.
+
+    Shapes: ``x: [..., in_features] -> [..., out_features]``; ``kernel: [in, out]``,
+    ``lora_a: [in, rank]``, ``lora_b: [rank, out]``. ``scale`` multiplies the adapter output
+    (PEFT uses ``alpha / rank``; the official PixelLLM uses a plain 2.0).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 rngs: nnx.Rngs, rank: int = 0, scale: float = 1.0, use_bias: bool = False,
+                 frozen: bool = True, dtype: jnp.dtype | None = None,
+                 param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: nnx.Initializer = nnx.initializers.lecun_normal()):
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scale, self.dtype = rank, scale, dtype
+        self.kernel = weight(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                             axes, frozen=frozen)
+        self.bias = (weight(jnp.zeros((out_features,), param_dtype), (axes[1],), frozen=frozen)
+                     if use_bias else None)
+        if rank > 0:
+            # PEFT's default: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)).
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_a = nnx.LoRAParam(
+                jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound),
+                logical_axes=(axes[0], None))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype),
+                                        logical_axes=(None, axes[1]))
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = x @ self.kernel.get_value().astype(dtype)
+        if self.lora_a is not None:
+            y = y + self.scale * ((x @ self.lora_a.get_value().astype(dtype))
+                                  @ self.lora_b.get_value().astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(dtype)
+        return y
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its base kernel (in place) and resets ``lora_b`` to zero, so the
+    model computes the same function and its base weights can be exported alone."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, LoRALinear) and module.lora_a is not None:
+            kernel = module.kernel.get_value()
+            delta = module.scale * (module.lora_a.get_value() @ module.lora_b.get_value())
+            module.kernel.set_value((kernel + delta).astype(kernel.dtype))
+            module.lora_b.set_value(jnp.zeros_like(module.lora_b.get_value()))
+    return model
+
+
+def lora_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The adapter weights alone, ``{"nnx/path": array}`` (a few MB even for a 3B model)."""
+    return {"/".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+def load_lora_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str) -> None:
+    """Loads adapter weights saved by :func:`lora_arrays`; keys and shapes must match exactly."""
+    state = nnx.state(model, nnx.LoRAParam)
+    expected = {"/".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+    assign_lib.check_keys(source=source, expected=expected,
+                          found={k: np.shape(v) for k, v in arrays.items()}, what="LoRA parameters")
+
+    def replace(path, variable):
+        value = arrays["/".join(map(str, path))]
+        return variable.replace(jnp.asarray(value, dtype=variable.get_value().dtype))
+
+    nnx.update(model, nnx.map_state(replace, state))

@@ -1,0 +1,71 @@
+"""Test-wide set-up: 8 fake CPU devices and the import shim that lets timm load without
+torchvision (timm only needs a few torchvision names at import time; see README, Testing)."""
+
+import os
+
+# Must happen before the first `import jax` anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+
+class _PlaceholderMeta(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (_Placeholder,), {})
+
+
+class _Placeholder(metaclass=_PlaceholderMeta):
+    """Stands in for torchvision names timm references (enum members included) but the tests
+    never call."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision is not installed; this timm feature is unavailable")
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        placeholder = type(name, (_Placeholder,), {})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+class _TorchvisionStubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def _install_torchvision_stub():
+    try:
+        import torchvision  # noqa: F401  (a working real install wins)
+        return
+    except Exception:
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+    sys.meta_path.insert(0, _TorchvisionStubFinder())
+    try:
+        import torch
+        import torchvision.ops.misc
+        torchvision.ops.misc.FrozenBatchNorm2d = torch.nn.BatchNorm2d
+    except ImportError:
+        pass
+
+
+_install_torchvision_stub()
