@@ -46,6 +46,8 @@ class _TorchvisionStubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader)
     def create_module(self, spec):
         module = _StubModule(spec.name)
         module.__path__ = []
+        # transformers parses torchvision.__version__ when it sees the package.
+        module.__version__ = "0.0"
         return module
 
     def exec_module(self, module):

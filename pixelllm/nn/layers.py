@@ -35,6 +35,11 @@ def conv(in_features: int, out_features: int, kernel_size: int | Sequence[int], 
          use_bias: bool = True, dtype: jnp.dtype | None = None,
          param_dtype: jnp.dtype = jnp.float32) -> nnx.Conv:
     """2-D convolution over NHWC inputs; kernel axes ``(None, None, conv_in, conv_out)``."""
+    # nnx.Conv infers the number of spatial dims from kernel_size: an int would make it 1-D.
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    if isinstance(strides, int):
+        strides = (strides, strides)
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(

@@ -1,0 +1,1 @@
+"""Pretrained image encoders (SAM ViT, EVA02) and their checkpoint converters."""
