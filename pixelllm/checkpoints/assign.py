@@ -19,14 +19,19 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: missing, unexpected or mis-shaped keys."""
 
 
+# What a checkpoint holds: every variable but random-number state (dropout / drop-path streams).
+WEIGHTS = nnx.Not(nnx.RngState)
+
+
 def _join(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    """``{"path/to/param": shape}`` for every variable of ``model``."""
+def param_shapes(model: nnx.Module, wrt: nnx.filterlib.Filter = WEIGHTS
+                 ) -> dict[str, tuple[int, ...]]:
+    """``{"path/to/param": shape}`` for every variable of ``model`` selected by ``wrt``."""
     return {_join(path): tuple(v.get_value().shape)
-            for path, v in nnx.to_flat_state(nnx.state(model))}
+            for path, v in nnx.to_flat_state(nnx.state(model, wrt))}
 
 
 def check_keys(*, source: str, expected: Mapping[str, tuple[int, ...]],
@@ -56,15 +61,18 @@ def check_keys(*, source: str, expected: Mapping[str, tuple[int, ...]],
     raise CheckpointMismatchError("\n".join(lines))
 
 
-def assign(model: nnx.Module, params: Mapping[str, np.ndarray], *, source: str) -> nnx.Module:
-    """Replaces every variable of ``model`` with ``params`` (in place); returns the model.
+def assign(model: nnx.Module, params: Mapping[str, np.ndarray], *, source: str,
+           wrt: nnx.filterlib.Filter = WEIGHTS) -> nnx.Module:
+    """Replaces every variable of ``model`` selected by ``wrt`` with ``params`` (in place).
 
-    Values are cast to each variable's dtype. Raises :class:`CheckpointMismatchError` (and leaves
-    the model untouched) unless the keys and shapes match exactly.
+    ``wrt`` narrows what the checkpoint must provide, e.g. ``nnx.All(WEIGHTS,
+    nnx.Not(nnx.LoRAParam))`` for a base-model file that has no adapters. Values are cast to each
+    variable's dtype. Raises :class:`CheckpointMismatchError` (and leaves the model untouched)
+    unless the keys and shapes match exactly. Returns the model.
     """
-    check_keys(source=source, expected=param_shapes(model),
+    check_keys(source=source, expected=param_shapes(model, wrt),
                found={k: np.shape(v) for k, v in params.items()}, what="parameters")
-    state = nnx.state(model)
+    state = nnx.state(model, wrt)
 
     def replace(path, variable):
         return variable.replace(jnp.asarray(params[_join(path)], dtype=variable.get_value().dtype))

@@ -542,15 +542,4 @@ def load_hf_weights(model: DecoderLM, state_dict: Mapping[str, np.ndarray], *,
     right shapes); LoRA factors keep their values. Returns the model."""
     arrays = convert_state_dict(state_dict, model.config, dtype=jnp.dtype(model.config.param_dtype),
                                 source=source)
-    base = nnx.state(model, nnx.Not(nnx.LoRAParam))
-    flat = nnx.to_flat_state(base)
-    assign_lib.check_keys(source=source,
-                          expected={"/".join(map(str, p)): tuple(v.get_value().shape) for p, v in flat},
-                          found={k: np.shape(v) for k, v in arrays.items()}, what="parameters")
-
-    def replace(path, variable):
-        value = arrays["/".join(map(str, path))]
-        return variable.replace(jnp.asarray(value, dtype=variable.get_value().dtype))
-
-    nnx.update(model, nnx.map_state(replace, base))
-    return model
+    return assign_lib.assign(model, arrays, source=source, wrt=lora.BASE_WEIGHTS)

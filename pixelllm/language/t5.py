@@ -574,5 +574,4 @@ def load_hf_weights(model: T5, state_dict: Mapping[str, np.ndarray], *, source: 
     """Loads HF weights into ``model`` (in place) strictly; LoRA factors keep their values."""
     params = convert_state_dict(state_dict, model.config, dtype=jnp.dtype(model.config.param_dtype),
                                 source=source)
-    params.update(lora.lora_arrays(model))
-    return assign_lib.assign(model, params, source=source)
+    return assign_lib.assign(model, params, source=source, wrt=lora.BASE_WEIGHTS)

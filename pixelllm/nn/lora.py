@@ -30,6 +30,10 @@ class FrozenParam(nnx.Variable):
     """A pretrained weight that never trains (deliberately not an ``nnx.Param``)."""
 
 
+# What a pretrained base-model file provides: every weight except the adapters.
+BASE_WEIGHTS = nnx.All(assign_lib.WEIGHTS, nnx.Not(nnx.LoRAParam))
+
+
 def weight(value: jax.Array, axes: tuple[str | None, ...], *, frozen: bool) -> nnx.Variable:
     """A ``FrozenParam`` or a trainable ``nnx.Param`` carrying logical axes."""
     if len(axes) != value.ndim:
@@ -99,13 +103,4 @@ def lora_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def load_lora_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str) -> None:
     """Loads adapter weights saved by :func:`lora_arrays`; keys and shapes must match exactly."""
-    state = nnx.state(model, nnx.LoRAParam)
-    expected = {"/".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
-    assign_lib.check_keys(source=source, expected=expected,
-                          found={k: np.shape(v) for k, v in arrays.items()}, what="LoRA parameters")
-
-    def replace(path, variable):
-        value = arrays["/".join(map(str, path))]
-        return variable.replace(jnp.asarray(value, dtype=variable.get_value().dtype))
-
-    nnx.update(model, nnx.map_state(replace, state))
+    assign_lib.assign(model, arrays, source=source, wrt=nnx.LoRAParam)

@@ -72,5 +72,5 @@ def test_merge_keeps_the_function_and_lora_arrays_round_trip():
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), atol=1e-5)
     assert not np.asarray(model.q.lora_b.get_value()).any()
 
-    with pytest.raises(CheckpointMismatchError, match="(?s)adapter.safetensors.*missing LoRA parameters: q/lora_b"):
+    with pytest.raises(CheckpointMismatchError, match="(?s)adapter.safetensors.*missing parameters: q/lora_b"):
         lora.load_lora_arrays(fresh, {"q/lora_a": saved["q/lora_a"]}, source="adapter.safetensors")
