@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = variant.startswith("tiny")
     config = ml_collections.ConfigDict()
     config.variant = variant
+    config.model_class = "pixelllm.language.decoder.DecoderLM"
     config.family = family
     config.model = ml_collections.ConfigDict(dict(
         model,

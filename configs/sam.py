@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown SAM variant {variant!r}; choose tiny or one of {sorted(_VARIANTS)}")
     config = ml_collections.ConfigDict()
     config.variant = variant
+    config.model_class = "pixelllm.encoders.sam.sam.Sam"
     if variant == "tiny":
         # 40 px / patch 4 = a 10x10 grid: window 4 pads it to 12x12 (3x3 windows); block 1 global.
         image_encoder = dict(img_size=40, pretrain_img_size=40, patch_size=4, embed_dim=32, depth=3,

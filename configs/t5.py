@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lora_rank = _OFFICIAL_LORA_RANK
     config = ml_collections.ConfigDict()
     config.variant = variant
+    config.model_class = "pixelllm.language.t5.T5"
     config.model = ml_collections.ConfigDict({
         "vocab_size": vocab,
         "d_model": d_model,

@@ -386,6 +386,11 @@ class DecoderLM(nnx.Module):
             nnx.initializers.lecun_normal()(rngs.params(), (c.hidden_size, c.vocab_size), param_dtype),
             ("embed", "vocab"), frozen=c.frozen)
 
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> DecoderLM:
+        """From the ``model`` field of ``configs/decoder_lm.py``."""
+        return cls(model_config, rngs=rngs)
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings ``[B, L] -> [B, L, D]`` in the compute dtype, with Gemma's ``√D`` scale
         (the constant rounded to float32, then to the compute dtype, as transformers)."""

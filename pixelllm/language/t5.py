@@ -424,6 +424,11 @@ class T5(nnx.Module):
             _normal(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), param_dtype),
             ("embed", "vocab"), frozen=cfg.frozen)
 
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> T5:
+        """From the ``model`` field of ``configs/t5.py``."""
+        return cls(model_config, rngs=rngs)
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """``tokens: [B, L]`` int -> ``[B, L, D]`` in the compute dtype (T5 does not rescale)."""
         return self.embedding.get_value()[tokens].astype(self.dtype)

@@ -1,0 +1,158 @@
+"""Whole SAM: loading public-format files (original .pth and Hugging Face folders) end to end,
+prompted segmentation against the references, full-size parameter counts, wrong files."""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
+from segment_anything.modeling import Sam as TorchSam
+from segment_anything.modeling import TwoWayTransformer
+
+from configs import sam as sam_config
+from pixelllm import sharding
+from pixelllm.checkpoints.assign import CheckpointMismatchError
+from pixelllm.encoders.sam import sam
+
+TINY = sam_config.get_config("tiny").model
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (torch zero-initializes tables, norms and tokens)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return module.eval()
+
+
+def _torch_sam(depth: int = TINY.image_encoder.depth) -> TorchSam:
+    enc, dec = TINY.image_encoder, TINY.mask_decoder
+    grid = enc.img_size // enc.patch_size
+    model = TorchSam(
+        image_encoder=ImageEncoderViT(
+            img_size=enc.img_size, patch_size=enc.patch_size, embed_dim=enc.embed_dim, depth=depth,
+            num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio, out_chans=enc.out_chans,
+            qkv_bias=True, use_rel_pos=True, window_size=enc.window_size,
+            global_attn_indexes=tuple(enc.global_attn_indexes),
+            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
+        prompt_encoder=PromptEncoder(
+            embed_dim=TINY.prompt_encoder.embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(enc.img_size, enc.img_size),
+            mask_in_chans=TINY.prompt_encoder.mask_in_chans),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=dec.transformer_dim,
+            transformer=TwoWayTransformer(depth=dec.transformer_depth,
+                                          embedding_dim=dec.transformer_dim,
+                                          num_heads=dec.transformer_heads,
+                                          mlp_dim=dec.transformer_mlp_dim),
+            iou_head_depth=3, iou_head_hidden_dim=dec.iou_head_hidden_dim))
+    return _randomize(model, seed=0)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    size = TINY.image_encoder.img_size
+    pixels = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    boxes = np.array([[3.0, 5.0, 30.0, 22.0], [10.0, 0.0, 39.0, 39.0]], np.float32)
+    return pixels, boxes
+
+
+def _torch_predict(model: TorchSam, pixels, boxes, multimask: bool):
+    """segment_anything decodes one image at a time (its batch axis holds the prompts)."""
+    masks, ious = [], []
+    with torch.no_grad():
+        images = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - model.pixel_mean) / model.pixel_std
+        embeddings = model.image_encoder(images)
+        for i in range(len(pixels)):
+            sparse, dense = model.prompt_encoder(points=None, boxes=torch.from_numpy(boxes[i:i + 1]),
+                                                 masks=None)
+            mask, iou = model.mask_decoder(
+                image_embeddings=embeddings[i:i + 1], image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                multimask_output=multimask)
+            masks.append(mask.numpy())
+            ious.append(iou.numpy())
+    return np.concatenate(masks), np.concatenate(ious)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_sam_parity_with_segment_anything_through_a_pth_file(tmp_path, multimask):
+    reference = _torch_sam()
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    model = sam.load_sam(path, variant="tiny")
+    pixels, boxes = _inputs()
+    masks, iou = model(sam.normalize(pixels), boxes=boxes, multimask_output=multimask)
+    want_masks, want_iou = _torch_predict(reference, pixels, boxes, multimask)
+    assert masks.shape == want_masks.shape == (2, 3 if multimask else 1, 40, 40)
+    assert np.abs(np.asarray(masks) - want_masks).max() <= 1e-4
+    assert np.abs(np.asarray(iou) - want_iou).max() <= 1e-4
+
+
+def test_sam_parity_with_transformers_through_a_saved_folder(tmp_path):
+    from transformers import (SamConfig, SamMaskDecoderConfig, SamModel,
+                              SamPromptEncoderConfig, SamVisionConfig)
+
+    enc, dec = TINY.image_encoder, TINY.mask_decoder
+    config = SamConfig(
+        vision_config=SamVisionConfig(
+            image_size=enc.img_size, patch_size=enc.patch_size, hidden_size=enc.embed_dim,
+            num_hidden_layers=enc.depth, num_attention_heads=enc.num_heads,
+            output_channels=enc.out_chans, window_size=enc.window_size,
+            global_attn_indexes=list(enc.global_attn_indexes),
+            num_pos_feats=TINY.prompt_encoder.embed_dim // 2, mlp_dim=int(enc.embed_dim * 4)),
+        prompt_encoder_config=SamPromptEncoderConfig(
+            hidden_size=TINY.prompt_encoder.embed_dim, image_size=enc.img_size,
+            patch_size=enc.patch_size, mask_input_channels=TINY.prompt_encoder.mask_in_chans),
+        mask_decoder_config=SamMaskDecoderConfig(
+            hidden_size=dec.transformer_dim, mlp_dim=dec.transformer_mlp_dim,
+            num_attention_heads=dec.transformer_heads, iou_head_hidden_dim=dec.iou_head_hidden_dim))
+    torch.manual_seed(0)
+    reference = _randomize(SamModel(config), seed=1)
+    # HF ties the prompt encoder's Fourier matrix to the top-level shared one.
+    with torch.no_grad():
+        reference.prompt_encoder.shared_embedding.positional_embedding.copy_(
+            reference.shared_image_embedding.positional_embedding)
+    reference.save_pretrained(tmp_path)
+    model = sam.load_sam(tmp_path, variant="tiny")
+
+    pixels, boxes = _inputs()
+    images = sam.normalize(pixels)
+    with torch.no_grad():
+        out = reference(pixel_values=torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2),
+                        input_boxes=torch.from_numpy(boxes)[:, None], multimask_output=False)
+    masks, iou = model(images, boxes=boxes, multimask_output=False)
+    assert np.abs(np.asarray(masks) - out.pred_masks[:, 0].numpy()).max() <= 1e-4
+    assert np.abs(np.asarray(iou) - out.iou_scores[:, 0].numpy()).max() <= 1e-4
+
+
+def test_sam_vit_h_parameter_counts():
+    config = sam_config.get_config("vit_h")
+    model = nnx.eval_shape(lambda: sam.Sam.from_config(config.model, rngs=nnx.Rngs(0)))
+    assert sharding.param_count(nnx.state(model)) == 641_090_864
+    assert sharding.param_count(nnx.state(model.image_encoder)) == 637_026_048
+    # PixelLLM's 384 input changes no parameter shape.
+    config.model.image_encoder.img_size = 384
+    model = nnx.eval_shape(lambda: sam.Sam.from_config(config.model, rngs=nnx.Rngs(0)))
+    assert sharding.param_count(nnx.state(model)) == 641_090_864
+
+
+def test_sam_wrong_files_are_named(tmp_path):
+    shallow = tmp_path / "sam_depth2.pth"
+    torch.save(_torch_sam(depth=2).state_dict(), shallow)
+    with pytest.raises(CheckpointMismatchError, match=r"sam_depth2.pth.*\n.*missing.*blocks/2/"):
+        sam.load_sam(shallow, variant="tiny")
+
+    other = tmp_path / "not_sam.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointMismatchError, match="not_sam.pth: not a SAM checkpoint"):
+        sam.load_sam(other, variant="tiny")
+
+    stray = {f"image_encoder.{k}": v.numpy() for k, v in
+             _torch_sam().image_encoder.state_dict().items()} | {"extra_head.weight": np.zeros(1)}
+    with pytest.raises(CheckpointMismatchError, match="keys belong to no SAM part: extra_head"):
+        sam.convert_state_dict(stray)
