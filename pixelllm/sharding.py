@@ -167,6 +167,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     return model
 
 
+def array_shardings(arrays: Any, logical_axes: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a pytree of arrays (e.g. a KV cache) from a matching pytree whose leaves
+    are tuples of logical axis names."""
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh)),
+        logical_axes, arrays, is_leaf=lambda node: isinstance(node, tuple))
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None,
               rules: Rules) -> jax.Array:
     """Activation sharding constraint by logical names; a no-op without a mesh.

@@ -412,6 +412,15 @@ class DecoderLM(nnx.Module):
             cache[f"layer_{i}"] = {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype)}
         return cache
 
+    @staticmethod
+    def cache_logical_axes(cache: dict) -> dict:
+        """The logical axis names of every cache leaf (same tree), to shard the cache with
+        :func:`pixelllm.sharding.array_shardings` like the keys/values that fill it."""
+        kv = ("batch", "length", "heads", "kv")
+        return {name: ({"k": kv, "v": kv} if name.startswith("layer_")
+                       else ("batch",) if name == "end_index" else ("batch", "length"))
+                for name in cache}
+
     def __call__(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
                  positions: jax.Array, input_mask: jax.Array,
                  cache: dict | None = None) -> DecoderOutput:

@@ -492,6 +492,14 @@ class T5(nnx.Module):
                            "cross_k": key.astype(dtype), "cross_v": value.astype(dtype)})
         return {"encoder_mask": jnp.asarray(encoder_mask).astype(bool), "layers": layers}
 
+    @staticmethod
+    def cache_logical_axes(cache: Cache) -> Cache:
+        """The logical axis names of every cache leaf (same tree), to shard the cache with
+        :func:`pixelllm.sharding.array_shardings` like the keys/values that fill it."""
+        kv = ("batch", "length", "heads", "kv")
+        return {"encoder_mask": ("batch", "length"),
+                "layers": [{name: kv for name in layer} for layer in cache["layers"]]}
+
 
 def _key_map(cfg: T5Config) -> dict[str, tuple[str, tuple[int, ...], bool]]:
     """``{hf key: (nnx path, hf shape, transpose)}`` for every base weight of ``cfg``."""

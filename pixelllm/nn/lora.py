@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from pixelllm.checkpoints import assign as assign_lib
+from pixelllm.checkpoints.safetensors_file import read_safetensors
 
 
 class FrozenParam(nnx.Variable):
@@ -99,6 +102,17 @@ def lora_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     """The adapter weights alone, ``{"nnx/path": array}`` (a few MB even for a 3B model)."""
     return {"/".join(map(str, path)): np.asarray(v.get_value())
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+def save_lora(model: nnx.Module, path: str | Path) -> None:
+    """Writes the adapter weights alone to a ``.safetensors`` file."""
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in lora_arrays(model).items()},
+                                str(path))
+
+
+def load_lora(model: nnx.Module, path: str | Path) -> None:
+    """Reads adapters written by :func:`save_lora` into ``model``; keys and shapes must match."""
+    load_lora_arrays(model, read_safetensors(path), source=str(path))
 
 
 def load_lora_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str) -> None:

@@ -4,11 +4,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from configs import decoder_lm
+from pixelllm import sharding
 from pixelllm.language import decoder
+from pixelllm.nn import lora
 
 TINY = ("tiny_llama", "tiny_gemma", "tiny_gemma2", "tiny_gemma3")
 
@@ -167,3 +170,70 @@ def test_gemma3_1b_has_one_global_layer_in_six():
     assert [i for i, t in enumerate(types) if t == decoder.FULL_ATTENTION] == [5, 11, 17, 23]
     with pytest.raises(ValueError, match="unknown decoder LM variant 'gemma3_4b'"):
         decoder_lm.get_config("gemma3_4b")
+
+
+def test_lora_training_leaves_frozen_weights_bit_identical():
+    """A few AdamW steps of next-token loss: only the adapters move, and the optimizer keeps state
+    (two moments) for the adapters alone."""
+    model = decoder.DecoderLM(decoder_lm.get_config("tiny_llama").model, rngs=nnx.Rngs(0))
+    frozen = {path: np.asarray(v.get_value())
+              for path, v in nnx.to_flat_state(nnx.state(model, lora.FrozenParam))}
+    adapters = {path: np.asarray(v.get_value())
+                for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    optimizer = nnx.Optimizer(model, optax.adamw(3e-2), wrt=nnx.Param)
+    moments = [leaf.size for leaf in jax.tree.leaves(nnx.state(optimizer.opt_state))
+               if getattr(leaf, "ndim", 0) > 0]
+    assert sum(moments) == 2 * sum(a.size for a in adapters.values())
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 12)))
+    positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            logits = model(tokens=tokens, positions=positions, input_mask=jnp.ones_like(tokens, bool)).logits
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1
+    for path, v in nnx.to_flat_state(nnx.state(model, lora.FrozenParam)):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), frozen[path])
+    moved = [not np.array_equal(np.asarray(v.get_value()), adapters[path])
+             for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))]
+    assert all(moved)
+
+
+def test_sharded_model_and_cache_match_single_device():
+    """Mesh (2, 2, 2): sharded weights and a cache sharded by its logical axes give the unsharded
+    prefill and one-token steps."""
+    config = decoder_lm.get_config("tiny_gemma2").model
+    batch, prompt, steps = 4, 6, 3
+    tokens = np.random.default_rng(1).integers(0, 100, (batch, prompt + steps))
+
+    def decode(model, shard):
+        cache = model.init_cache(batch, 16)
+        if shard:
+            cache = jax.device_put(cache, sharding.array_shardings(
+                cache, model.cache_logical_axes(cache), mesh, sharding.DEFAULT_RULES))
+        out = run(model, jnp.asarray(tokens[:, :prompt]),
+                  jnp.broadcast_to(jnp.arange(prompt), (batch, prompt)),
+                  jnp.ones((batch, prompt), bool), cache)
+        logits = [out.logits[:, -1]]
+        for i in range(prompt, prompt + steps):
+            out = run(model, jnp.asarray(tokens[:, i:i + 1]), jnp.full((batch, 1), i),
+                      jnp.ones((batch, 1), bool), out.cache)
+            logits.append(out.logits[:, 0])
+        return np.stack([np.asarray(l) for l in logits]), out.cache
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    expected, _ = decode(decoder.DecoderLM(config, rngs=nnx.Rngs(0)), shard=False)
+    model = sharding.shard_model(decoder.DecoderLM(config, rngs=nnx.Rngs(0)), mesh,
+                                 sharding.DEFAULT_RULES)
+    got, cache = decode(model, shard=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert model.embedding.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert cache["layer_0"]["k"].sharding.spec[0] == ("data", "fsdp")

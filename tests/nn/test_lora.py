@@ -56,7 +56,7 @@ def test_training_updates_only_adapters_and_trainable_params():
     assert trainable == {"q/lora_a", "q/lora_b", "head/kernel", "head/bias"}
 
 
-def test_merge_keeps_the_function_and_lora_arrays_round_trip():
+def test_merge_keeps_the_function_and_lora_weights_round_trip(tmp_path):
     model = _Tiny(nnx.Rngs(0))
     model.q.lora_b.set_value(jax.random.normal(jax.random.key(2), (2, 8)))
     x = jax.random.normal(jax.random.key(3), (5, 6))
@@ -67,6 +67,11 @@ def test_merge_keeps_the_function_and_lora_arrays_round_trip():
     fresh = _Tiny(nnx.Rngs(0))
     lora.load_lora_arrays(fresh, saved, source="adapter.safetensors")
     np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(expected), atol=1e-6)
+
+    lora.save_lora(model, tmp_path / "adapter.safetensors")
+    from_file = _Tiny(nnx.Rngs(0))
+    lora.load_lora(from_file, tmp_path / "adapter.safetensors")
+    np.testing.assert_allclose(np.asarray(from_file(x)), np.asarray(expected), atol=1e-6)
 
     lora.merge_lora(model)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), atol=1e-5)
