@@ -1,0 +1,1 @@
+"""Speed benchmarks (scripts run with ``python -m benchmarks.<name>``, not tests)."""

@@ -1,0 +1,183 @@
+"""Greedy decoding speed: the KV cache against recomputing the whole sequence every step.
+
+The official PixelLLM decoder has no cache: each step re-runs the language model over the full
+``max_caption_length`` buffer and reads the logits at the current index. This script times that
+scheme against :mod:`pixelllm.language.decoding` with a ``DecoderLM`` KV cache, both in one jitted
+``lax.while_loop`` (prefill included), for a small Llama-style model::
+
+    python -m benchmarks.decode_speed                      # 32, 128, 512 new tokens
+    python -m benchmarks.decode_speed --lengths 32 --runs 5
+
+Reports the median wall time of ``--runs`` calls after a warm-up call (compile time apart),
+tokens/s and ms per token, prints a table and writes
+``benchmarks/results/decode_speed_<device>.json``. EOS is disabled so every run decodes all tokens.
+
+A recomputing step costs the same at every step (the buffer width is fixed), so for long outputs
+the recomputing loop is timed over its first ``--recompute-steps`` steps, the prefill alone is
+timed too, and the loop part is scaled to the full length (marked ``extrapolated``); the tokens of
+the timed steps are checked against the cached run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import platform
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelllm.language import decoder, decoding
+
+# Llama-style, 8 layers of width 512 (grouped-query attention 8 q / 4 kv heads of 64), 32k vocab.
+MODEL = dict(vocab_size=32_000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+             num_kv_heads=4, head_dim=64, activation="silu", norm_eps=1e-5, rope_theta=500_000.0)
+
+
+def _prefill(model, prompt, max_length):
+    batch, width = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(width), prompt.shape)
+    cache = None if max_length is None else model.init_cache(batch, max_length)
+    out = model(tokens=prompt, positions=positions, input_mask=jnp.ones(prompt.shape, bool),
+                cache=cache)
+    return out.logits[:, -1], jnp.full((batch,), width, jnp.int32), out.cache
+
+
+def cached_greedy(model, prompt, steps):
+    logits, positions, cache = _prefill(model, prompt, prompt.shape[1] + steps)
+
+    def step(tokens, positions, cache):
+        out = model(tokens=tokens[:, None], positions=positions[:, None],
+                    input_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache)
+        return out.logits[:, 0], out.hidden[:, 0], out.cache
+
+    return decoding.greedy_decode(step, logits=logits, positions=positions, cache=cache,
+                                  max_new_tokens=steps, eos_id=-1).tokens
+
+
+def recomputed_greedy(model, prompt, steps, width):
+    """The official scheme: every step runs the model without a cache over all ``width`` slots
+    (the prompt, the tokens so far and padding) and reads the logits at the current index."""
+    logits, positions, _ = _prefill(model, prompt, None)
+    batch, rows = prompt.shape[0], jnp.arange(prompt.shape[0])
+    history = jnp.zeros((batch, width), jnp.int32).at[:, :prompt.shape[1]].set(prompt)
+    valid = jnp.arange(width)[None] < positions[:, None]
+
+    def step(tokens, positions, state):
+        history = state["tokens"].at[rows, positions].set(tokens)
+        valid = state["valid"].at[rows, positions].set(True)
+        out = model(tokens=history, positions=jnp.broadcast_to(jnp.arange(width), history.shape),
+                    input_mask=valid)
+        return out.logits[rows, positions], out.hidden[rows, positions], {"tokens": history,
+                                                                          "valid": valid}
+
+    return decoding.greedy_decode(step, logits=logits, positions=positions,
+                                  cache={"tokens": history, "valid": valid},
+                                  max_new_tokens=steps, eos_id=-1).tokens
+
+
+def _time(fn, *args, runs, **static):
+    """(compile seconds, median seconds per call, output) with one warm-up call."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args, **static).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times), out
+
+
+def _row(length, mode, compile_s, latency, steps_timed, batch) -> dict:
+    return dict(new_tokens=length, mode=mode, compile_s=compile_s, latency_s=latency,
+                ms_per_token=1e3 * latency / length, tokens_per_s=batch * length / latency,
+                steps_timed=steps_timed, extrapolated=steps_timed < length)
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    name = "cpu" if device.platform == "cpu" else device.device_kind
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--recompute-steps", type=int, default=16,
+                        help="steps timed for the recomputing loop before scaling to the length")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+
+    model = decoder.DecoderLM(MODEL, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = sum(x.size for x in jax.tree.leaves(state))
+    prompt = jax.random.randint(jax.random.key(0), (args.batch, args.prompt), 0,
+                                MODEL["vocab_size"])
+
+    @functools.partial(jax.jit, static_argnames=("steps",))
+    def cached(state, prompt, *, steps):
+        return cached_greedy(nnx.merge(graphdef, state), prompt, steps)
+
+    @functools.partial(jax.jit, static_argnames=("steps", "width"))
+    def recomputed(state, prompt, *, steps, width):
+        return recomputed_greedy(nnx.merge(graphdef, state), prompt, steps, width)
+
+    @jax.jit
+    def prefill(state, prompt):
+        return _prefill(nnx.merge(graphdef, state), prompt, None)[0]
+
+    rows = []
+    for length in args.lengths:
+        compile_s, seconds, tokens = _time(cached, state, prompt, runs=args.runs, steps=length)
+        rows.append(_row(length, "cached", compile_s, seconds, length, args.batch))
+        width, timed = args.prompt + length, min(length, args.recompute_steps)
+        compile_s, seconds, recomputed_tokens = _time(recomputed, state, prompt, runs=args.runs,
+                                                      steps=timed, width=width)
+        if timed < length:
+            # Only the loop scales with the length: the prefill is timed apart.
+            _, fixed, _ = _time(prefill, state, prompt, runs=args.runs)
+            seconds = fixed + (seconds - fixed) * length / timed
+        rows.append(_row(length, "recompute", compile_s, seconds, timed, args.batch))
+        rows[-1]["tokens_match_cached"] = bool(
+            np.array_equal(np.asarray(recomputed_tokens), np.asarray(tokens)[:, :timed]))
+        rows[-1]["slowdown_vs_cached"] = rows[-1]["latency_s"] / rows[-2]["latency_s"]
+
+    print(f"device {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), DecoderLM "
+          f"{params / 1e6:.1f}M params, batch {args.batch}, prompt {args.prompt}, median of "
+          f"{args.runs} runs after a warm-up")
+    header = (f"{'new tokens':>10} {'mode':>10} {'compile s':>10} {'latency s':>10} "
+              f"{'ms/token':>9} {'tokens/s':>9} {'vs cached':>9}")
+    print(header + "\n" + "-" * len(header))
+    for row in rows:
+        note = " (extrapolated from %d steps)" % row["steps_timed"] if row["extrapolated"] else ""
+        ratio = f"{row['slowdown_vs_cached']:.1f}x" if "slowdown_vs_cached" in row else ""
+        print(f"{row['new_tokens']:>10} {row['mode']:>10} {row['compile_s']:>10.2f} "
+              f"{row['latency_s']:>10.3f} {row['ms_per_token']:>9.2f} {row['tokens_per_s']:>9.1f} "
+              f"{ratio:>9}{note}")
+
+    result = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
+                  jax=jax.__version__, python=platform.python_version(), model=MODEL,
+                  parameters=params, batch=args.batch, prompt_tokens=args.prompt, runs=args.runs,
+                  rows=rows)
+    out = args.out or (pathlib.Path(__file__).parent / "results"
+                       / f"decode_speed_{device_name()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Batched autoregressive decoding with a KV cache: greedy, sampling and beam search.
+
+Every decoder here runs as one ``jax.lax.while_loop`` and is traceable under ``jax.jit`` /
+``nnx.jit`` with the sizes (``max_new_tokens``, ``beam_size``, ``top_k``) and the sampling
+switches (``temperature``, ``top_p``) as static Python values. The loops are model-agnostic: they
+drive a *step function*
+
+    step_fn(tokens: int32 [N], positions: int32 [N], cache) -> (logits [N, V], hidden [N, D], cache)
+
+that feeds one token per sequence at the given position and returns the next-token logits, the
+last hidden state of that token (PixelLLM's point head reads it) and the updated cache. Every
+cache leaf has the sequences on axis 0 (``N = B`` for greedy and sampling, ``N = B * beam_size``,
+beam-minor, for beam search, which tiles and reorders the cache with ``jnp.take(leaf, i, axis=0)``);
+anything per-sequence the step needs (a T5 encoder output and its mask, say) must live in the cache
+so that it follows the beams.
+
+The caller prefills: it runs the prompt through the model once and hands over the cache, the
+logits for the first new token ``[B, V]`` and the position of the first new token ``[B]``. Each
+loop iteration picks token ``t`` for every sequence, then feeds it (so the cache ends holding every
+generated token and ``hidden[:, t]`` is the state *of* token ``t``, the one that predicts
+``t + 1``): the cache needs room for ``prompt + max_new_tokens`` tokens.
+
+A sequence that emits ``eos_id`` is done: its later tokens are ``pad_id`` and what the model does
+with it no longer matters; the loop stops once every sequence is done. Outputs
+(:class:`DecodeOutput`): ``tokens`` include the EOS, ``lengths`` count it, ``hidden`` is zero at
+EOS and padding (PixelLLM reads points from word tokens only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+StepFn = Callable[[jax.Array, jax.Array, PyTree], tuple[jax.Array, jax.Array, PyTree]]
+
+# The official greedy decoder's logit for an immediately repeated token.
+_REPEAT_LOGIT = -1e4
+
+
+class DecodeOutput(NamedTuple):
+    """``tokens``: int32 [B, T] generated tokens, EOS included, ``pad_id`` after it;
+    ``lengths``: int32 [B] tokens generated, EOS included; ``scores``: float32 [B] (greedy and
+    sampling: summed log-probability, see :func:`sample_decode`; beam search: the length-penalised
+    score); ``hidden``: [B, T, D] hidden state of each generated token (zero at EOS and padding),
+    or None. :func:`beam_search` with ``return_all_beams`` adds a beam axis after B."""
+    tokens: jax.Array
+    lengths: jax.Array
+    scores: jax.Array
+    hidden: jax.Array | None
+
+
+def brevity_penalty(length: jax.Array | int, alpha: float) -> jax.Array:
+    """GNMT's length normalizer ``((5 + L) / 6) ** alpha`` (Wu et al., 2016), as the official
+    PixelLLM beam search; ``L`` counts the generated tokens including EOS."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets to ``-inf`` the logits outside the top-``k`` and outside the nucleus.
+
+    ``logits: [..., V]``. ``top_k = 0`` keeps all; otherwise ties with the ``k``-th logit are kept.
+    The nucleus (applied after top-k, on the renormalised distribution) is the smallest set of
+    most likely tokens whose probability reaches ``top_p``; ``top_p = 1`` keeps all.
+    """
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got {top_k} and {top_p}")
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1, descending=True)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # A token is in the nucleus when the tokens ranked above it hold less than top_p.
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def greedy_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
+                  max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                  return_hidden: bool = False, suppress_repeat: bool = False,
+                  last_tokens: jax.Array | None = None) -> DecodeOutput:
+    """Greedy decoding: :func:`sample_decode` at temperature 0 (see there for the arguments)."""
+    return sample_decode(step_fn, logits=logits, positions=positions, cache=cache, rng=None,
+                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                         temperature=0.0, return_hidden=return_hidden,
+                         suppress_repeat=suppress_repeat, last_tokens=last_tokens)
+
+
+def sample_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
+                  rng: jax.Array | None, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  return_hidden: bool = False, suppress_repeat: bool = False,
+                  last_tokens: jax.Array | None = None) -> DecodeOutput:
+    """Samples up to ``max_new_tokens`` tokens per sequence.
+
+    Args:
+      step_fn: see the module docstring.
+      logits: float [B, V] logits for the first new token (from the prefill).
+      positions: int [B] position of the first new token of each sequence.
+      cache: the prefilled cache, every leaf with B on axis 0.
+      rng: a PRNG key (step ``t`` uses ``fold_in(rng, t)``); unused at temperature 0.
+      temperature: logits are divided by it; 0 takes the argmax (greedy).
+      top_k, top_p: restrict sampling to the top-k tokens and then to the nucleus
+        (:func:`filter_logits`); both apply together when both are set.
+      return_hidden: also return the [B, T, D] hidden states of the generated tokens.
+      suppress_repeat: the official greedy's rule, pushing the logit of the previous token down to
+        -1e4 so no token follows itself; ``last_tokens`` (int [B], the last prompt token) is then
+        required for the first step.
+
+    Returns:
+      :class:`DecodeOutput`; ``scores`` sum ``log_softmax(logits)`` of the chosen tokens (EOS
+      included) with the repeat rule applied but neither temperature nor filtering, i.e. the
+      model's log-probability. The official greedy score is the mean over the word tokens:
+      ``scores / max(number of non-EOS tokens, 1)``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling at temperature > 0 needs an rng key")
+    if suppress_repeat and last_tokens is None:
+        raise ValueError("suppress_repeat needs last_tokens, the last prompt token per sequence")
+    batch, vocab = logits.shape
+    _check_batch(cache, positions, batch)
+    hidden_spec = _hidden_spec(step_fn, positions, cache) if return_hidden else None
+    positions = positions.astype(jnp.int32)
+    steps = max_new_tokens
+
+    def choose(logits, t):
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, t), filtered).astype(jnp.int32)
+
+    def body(state):
+        t, tokens, hidden_buf, done, lengths, scores, previous, logits, cache = state
+        if suppress_repeat:
+            is_previous = jnp.arange(vocab)[None] == previous[:, None]
+            logits = jnp.where(is_previous, jnp.minimum(logits, _REPEAT_LOGIT), logits)
+        token = jnp.where(done, pad_id, choose(logits, t))
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        scores = scores + jnp.where(done, 0.0, log_prob)
+        lengths = lengths + (~done).astype(jnp.int32)
+        tokens = tokens.at[:, t].set(token)
+        word = ~done & (token != eos_id)
+        logits, hidden, cache = step_fn(token, positions + t, cache)
+        if hidden_buf is not None:
+            hidden_buf = hidden_buf.at[:, t].set(jnp.where(word[:, None], hidden, 0))
+        done = done | (token == eos_id)
+        return (t + 1, tokens, hidden_buf, done, lengths, scores, token,
+                logits.astype(jnp.float32), cache)
+
+    def cond(state):
+        t, done = state[0], state[3]
+        return (t < steps) & ~jnp.all(done)
+
+    init = (jnp.int32(0),
+            jnp.full((batch, steps), pad_id, jnp.int32),
+            None if hidden_spec is None else jnp.zeros((batch, steps) + hidden_spec.shape[1:],
+                                                       hidden_spec.dtype),
+            jnp.zeros((batch,), bool),
+            jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((batch,), jnp.float32),
+            (jnp.zeros((batch,), jnp.int32) if last_tokens is None
+             else last_tokens.astype(jnp.int32)),
+            logits.astype(jnp.float32),
+            cache)
+    _, tokens, hidden, _, lengths, scores, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return DecodeOutput(tokens=tokens, lengths=lengths, scores=scores, hidden=hidden)
+
+
+def beam_search(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
+                beam_size: int, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                alpha: float | jax.Array = 0.6, return_hidden: bool = False,
+                return_all_beams: bool = False) -> DecodeOutput:
+    """Beam search with the official PixelLLM / T5X scoring.
+
+    A finished hypothesis of ``L`` tokens (EOS included) with summed log-probability ``s`` scores
+    ``s / brevity_penalty(L, alpha)``. Each step expands the ``beam_size`` alive beams to their
+    ``2 * beam_size`` best continuations by log-probability; the ones ending in EOS join the
+    finished set (its best ``beam_size`` are kept), the best ``beam_size`` others stay alive. A
+    batch element is done when no alive beam can still beat its best finished hypothesis (its
+    worst, with ``return_all_beams``): with ``alpha >= 0`` an alive beam can at best score its
+    current log-probability over ``brevity_penalty(max_new_tokens)``. As in the official code,
+    beams cut off at ``max_new_tokens`` only count when nothing finished (they are scored with
+    ``L = max_new_tokens``).
+
+    Args:
+      step_fn, positions, cache, max_new_tokens, eos_id, pad_id, return_hidden: as in
+        :func:`sample_decode`; ``cache`` and ``logits`` ([B, V]) come from a prefill at batch B and
+        are tiled over the beams here.
+      beam_size: beams per batch element.
+      alpha: brevity-penalty exponent (official: 0.6), >= 0; may be a traced scalar.
+      return_all_beams: return every kept hypothesis, best first (outputs [B, beam_size, ...]);
+        empty slots have score -inf, length 0 and pad tokens. Otherwise the best one ([B, ...]).
+    """
+    if max_new_tokens < 1 or beam_size < 1:
+        raise ValueError(f"max_new_tokens and beam_size must be >= 1, got {max_new_tokens} and "
+                         f"{beam_size}")
+    if isinstance(alpha, (int, float)) and alpha < 0:
+        raise ValueError(f"alpha must be >= 0 for the stopping rule to be exact, got {alpha}")
+    batch, vocab = logits.shape
+    _check_batch(cache, positions, batch)
+    hidden_spec = _hidden_spec(step_fn, positions, cache) if return_hidden else None
+    beams, steps = beam_size, max_new_tokens
+    candidates = min(2 * beams, beams * vocab)
+    positions = jnp.repeat(positions.astype(jnp.int32), beams, axis=0)
+    cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, beams, axis=0), cache)
+    best_possible_penalty = brevity_penalty(steps, alpha)
+    rows = jnp.arange(batch)[:, None]
+
+    def gather(x, index):
+        """``x: [B, M, ...]``, ``index: [B, M']`` -> ``[B, M', ...]``."""
+        return None if x is None else x[rows, index]
+
+    def body(state):
+        (t, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden, fin_scores,
+         fin_lengths, logits, cache) = state
+        log_probs = jax.nn.log_softmax(logits).reshape(batch, beams, vocab)
+        log_probs = (log_probs + alive_log_probs[..., None]).reshape(batch, beams * vocab)
+        cand_log_probs, flat_index = jax.lax.top_k(log_probs, candidates)
+        parent, token = flat_index // vocab, (flat_index % vocab).astype(jnp.int32)
+        cand_tokens = gather(alive_tokens, parent).at[:, :, t].set(token)
+        is_eos = token == eos_id
+
+        finished = is_eos & (cand_log_probs > -jnp.inf)
+        cand_scores = jnp.where(finished, cand_log_probs / brevity_penalty(t + 1, alpha), -jnp.inf)
+        fin_scores, keep = jax.lax.top_k(jnp.concatenate([fin_scores, cand_scores], axis=1), beams)
+        fin_tokens = gather(jnp.concatenate([fin_tokens, cand_tokens], axis=1), keep)
+        fin_lengths = gather(jnp.concatenate(
+            [fin_lengths, jnp.full((batch, candidates), t + 1, jnp.int32)], axis=1), keep)
+        if fin_hidden is not None:
+            # The EOS was not fed, so its slot in the parent's history is still zero.
+            fin_hidden = gather(jnp.concatenate([fin_hidden, gather(alive_hidden, parent)],
+                                                axis=1), keep)
+
+        alive_log_probs, survivors = jax.lax.top_k(
+            jnp.where(is_eos, -jnp.inf, cand_log_probs), beams)
+        alive_parent = gather(parent, survivors)
+        alive_tokens = gather(cand_tokens, survivors)
+        flat_parent = (rows * beams + alive_parent).reshape(-1)
+        cache = jax.tree.map(lambda leaf: jnp.take(leaf, flat_parent, axis=0), cache)
+        logits, hidden, cache = step_fn(alive_tokens[:, :, t].reshape(-1), positions + t, cache)
+        if alive_hidden is not None:
+            alive_hidden = gather(alive_hidden, alive_parent).at[:, :, t].set(
+                hidden.reshape((batch, beams) + hidden.shape[1:]))
+        return (t + 1, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden,
+                fin_scores, fin_lengths, logits.astype(jnp.float32), cache)
+
+    def cond(state):
+        t, alive_log_probs, fin_scores = state[0], state[3], state[6]
+        best_alive = alive_log_probs[:, 0] / best_possible_penalty
+        reference = fin_scores[:, -1] if return_all_beams else fin_scores[:, 0]
+        done = (alive_log_probs[:, 0] == -jnp.inf) | (reference >= best_alive)
+        return (t < steps) & ~jnp.all(done)
+
+    alive_hidden = None if hidden_spec is None else jnp.zeros(
+        (batch, beams, steps) + hidden_spec.shape[1:], hidden_spec.dtype)
+    init = (jnp.int32(0),
+            jnp.full((batch, beams, steps), pad_id, jnp.int32),
+            alive_hidden,
+            jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beams - 1), jnp.float32), (batch, 1)),
+            jnp.full((batch, beams, steps), pad_id, jnp.int32),
+            alive_hidden,
+            jnp.full((batch, beams), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, beams), jnp.int32),
+            jnp.repeat(logits.astype(jnp.float32), beams, axis=0),
+            cache)
+    (t, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden, fin_scores,
+     fin_lengths, _, _) = jax.lax.while_loop(cond, body, init)
+
+    # Nothing finished (every beam ran to max_new_tokens): fall back to the alive beams.
+    none_finished = (fin_scores[:, 0] == -jnp.inf)[:, None]
+    alive_valid = alive_log_probs > -jnp.inf
+    scores = jnp.where(none_finished, alive_log_probs / brevity_penalty(t, alpha), fin_scores)
+    lengths = jnp.where(none_finished, jnp.where(alive_valid, t, 0), fin_lengths)
+    valid = (scores > -jnp.inf)[..., None]
+    tokens = jnp.where(valid, jnp.where(none_finished[..., None], alive_tokens, fin_tokens), pad_id)
+    hidden = None
+    if fin_hidden is not None:
+        hidden = jnp.where(valid[..., None],
+                           jnp.where(none_finished[..., None, None], alive_hidden, fin_hidden), 0)
+    if not return_all_beams:
+        tokens, lengths, scores = tokens[:, 0], lengths[:, 0], scores[:, 0]
+        hidden = None if hidden is None else hidden[:, 0]
+    return DecodeOutput(tokens=tokens, lengths=lengths, scores=scores, hidden=hidden)
+
+
+def _check_batch(cache: PyTree, positions: jax.Array, batch: int) -> None:
+    if positions.shape != (batch,):
+        raise ValueError(f"positions must be [{batch}], got {positions.shape}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if leaf.ndim == 0 or leaf.shape[0] != batch:
+            raise ValueError(f"cache leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}; "
+                             f"every leaf needs the batch ({batch}) on axis 0")
+
+
+def _hidden_spec(step_fn: StepFn, positions: jax.Array, cache: PyTree) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of ``step_fn``'s hidden output, from an abstract (free) trace."""
+    tokens = jax.ShapeDtypeStruct(positions.shape, jnp.int32)
+    return jax.eval_shape(step_fn, tokens, positions.astype(jnp.int32), cache)[1]
