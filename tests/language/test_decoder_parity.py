@@ -3,6 +3,8 @@ Hugging Face converter, and full-size parameter counts against models on the met
 
 import functools
 import math
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from configs import decoder_lm
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
+from pixelllm.checkpoints.state_dict import read_state_dict
 from pixelllm.language import decoder
 
 TINY = ("tiny_llama", "tiny_gemma", "tiny_gemma2", "tiny_gemma3")
@@ -60,8 +63,9 @@ def state_dict_of(module):
 @functools.cache
 def reference(variant):
     """A random tiny transformers model (weights scaled for O(1) activations, norm weights random
-    so every norm's key mapping matters) and our model loaded from its state dict (LoRA rank 4,
-    B = 0)."""
+    so every norm's key mapping matters) and our model loaded from it (LoRA rank 4, B = 0) the way
+    users load published weights: ``save_pretrained`` to sharded ``*.safetensors`` with a
+    ``model.safetensors.index.json``, read back with ``read_state_dict``."""
     config = decoder_lm.get_config(variant)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config(config)).eval()
@@ -77,7 +81,10 @@ def reference(variant):
             else:
                 p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[1]))
     ours = decoder.DecoderLM(config.model, rngs=nnx.Rngs(0))
-    decoder.load_hf_weights(ours, state_dict_of(hf), source=f"{variant} state dict")
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder, max_shard_size="40KB")
+        assert (Path(folder) / "model.safetensors.index.json").is_file()
+        decoder.load_hf_weights(ours, read_state_dict(folder), source=folder)
     return config, hf, ours
 
 

@@ -1,10 +1,13 @@
 """T5 against transformers' `T5ForConditionalGeneration` (tiny random configs), its cache, LoRA,
 converter and full sizes."""
 
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from flax import nnx
 from transformers import T5Config as HFT5Config
@@ -14,6 +17,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from configs import t5 as t5_config
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
+from pixelllm.checkpoints.state_dict import read_state_dict
 from pixelllm.language import t5
 from pixelllm.nn import lora
 
@@ -40,7 +44,9 @@ def untie_lm_head(model, *, device=None):
 
 
 def hf_tiny(*, feed_forward_proj="gated-gelu", tied=False, seed=0):
-    """A tiny random HF T5 (norm scales perturbed so every tensor matters) and its numpy state."""
+    """A tiny random HF T5 (norm scales perturbed so every tensor matters) and its weights written to
+    ``model.safetensors`` (every key, as the published Flan-T5 files hold them) and read back with
+    ``read_state_dict``. (transformers 5 drops the hand-untied lm_head in ``save_pretrained``.)"""
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(
         hf_config(t5_config.get_config("tiny").model, feed_forward_proj=feed_forward_proj,
@@ -51,7 +57,10 @@ def hf_tiny(*, feed_forward_proj="gated-gelu", tied=False, seed=0):
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.uniform_(0.5, 1.5)
-    return model, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        safetensors.numpy.save_file(state, f"{folder}/model.safetensors")
+        return model, read_state_dict(folder)
 
 
 def ours_tiny(state, *, lora_b=0.0, lora_settings=None, **overrides):
