@@ -123,7 +123,7 @@ def test_sam_parity_with_transformers_through_a_saved_folder(tmp_path):
     pixels, boxes = _inputs()
     images = sam.normalize(pixels)
     with torch.no_grad():
-        out = reference(pixel_values=torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2),
+        out = reference(pixel_values=torch.from_numpy(np.array(images)).permute(0, 3, 1, 2),
                         input_boxes=torch.from_numpy(boxes)[:, None], multimask_output=False)
     masks, iou = model(images, boxes=boxes, multimask_output=False)
     assert np.abs(np.asarray(masks) - out.pred_masks[:, 0].numpy()).max() <= 1e-4
