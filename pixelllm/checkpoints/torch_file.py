@@ -235,7 +235,8 @@ def _open(path: str, file) -> zipfile.ZipFile:
         if start == _LEGACY_MAGIC:
             raise ValueError(
                 f"{path}: legacy (pre-1.6, non-zip) torch.save format, which is not supported; "
-                "re-save it with a current torch: torch.save(torch.load(path), new_path)") from None
+                "re-save it with a current torch: "
+                "torch.save(torch.load(path, weights_only=True), new_path)") from None
         raise ValueError(f"{path}: not a zip archive: the file is truncated or corrupt, or not a "
                          "torch.save file") from None
 

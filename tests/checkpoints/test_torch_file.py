@@ -225,7 +225,7 @@ def test_torch_file_big_endian_byteorder(tmp_path):
     _rewrite(tmp_path / "le.pth", tmp_path / "be.pth", to_big)
     # torch itself reads the crafted file back to the same tensors; except uint16, whose untyped
     # storage (_rebuild_tensor_v3) torch swaps as bytes, i.e. not at all.
-    reloaded = torch.load(tmp_path / "be.pth")
+    reloaded = torch.load(tmp_path / "be.pth", weights_only=True)
     for k, v in reloaded.items():
         assert torch.equal(v, sd[k]) == (k != "torch.uint16"), k
     ours = read_torch_file(tmp_path / "be.pth")
