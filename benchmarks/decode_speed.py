@@ -52,34 +52,17 @@ def _prefill(model, prompt, max_length):
 
 def cached_greedy(model, prompt, steps):
     logits, positions, cache = _prefill(model, prompt, prompt.shape[1] + steps)
-
-    def step(tokens, positions, cache):
-        out = model(tokens=tokens[:, None], positions=positions[:, None],
-                    input_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache)
-        return out.logits[:, 0], out.hidden[:, 0], out.cache
-
-    return decoding.greedy_decode(step, logits=logits, positions=positions, cache=cache,
-                                  max_new_tokens=steps, eos_id=-1).tokens
+    return decoding.greedy_decode(decoding.cached_step(model), logits=logits, positions=positions,
+                                  cache=cache, max_new_tokens=steps, eos_id=-1).tokens
 
 
 def recomputed_greedy(model, prompt, steps, width):
     """The official scheme: every step runs the model without a cache over all ``width`` slots
     (the prompt, the tokens so far and padding) and reads the logits at the current index."""
     logits, positions, _ = _prefill(model, prompt, None)
-    batch, rows = prompt.shape[0], jnp.arange(prompt.shape[0])
-    history = jnp.zeros((batch, width), jnp.int32).at[:, :prompt.shape[1]].set(prompt)
-    valid = jnp.arange(width)[None] < positions[:, None]
-
-    def step(tokens, positions, state):
-        history = state["tokens"].at[rows, positions].set(tokens)
-        valid = state["valid"].at[rows, positions].set(True)
-        out = model(tokens=history, positions=jnp.broadcast_to(jnp.arange(width), history.shape),
-                    input_mask=valid)
-        return out.logits[rows, positions], out.hidden[rows, positions], {"tokens": history,
-                                                                          "valid": valid}
-
-    return decoding.greedy_decode(step, logits=logits, positions=positions,
-                                  cache={"tokens": history, "valid": valid},
+    return decoding.greedy_decode(decoding.recompute_step(model, width), logits=logits,
+                                  positions=positions,
+                                  cache=decoding.recompute_state(prompt, positions, width),
                                   max_new_tokens=steps, eos_id=-1).tokens
 
 

@@ -53,6 +53,42 @@ class DecodeOutput(NamedTuple):
     hidden: jax.Array | None
 
 
+def cached_step(model: Callable[..., Any]) -> StepFn:
+    """The step function of a decoder-only model with a KV cache (``DecoderLM``'s call signature):
+    one token per sequence through ``model(..., cache=cache)``."""
+
+    def step(tokens, positions, cache):
+        out = model(tokens=tokens[:, None], positions=positions[:, None],
+                    input_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache)
+        return out.logits[:, 0], out.hidden[:, 0], out.cache
+
+    return step
+
+
+def recompute_step(model: Callable[..., Any], width: int) -> StepFn:
+    """The official implementation's scheme, as a baseline for tests and benchmarks: no KV cache;
+    every step re-runs the model over all ``width`` slots. Its "cache" is the token history,
+    ``{"tokens": int32 [N, width], "valid": bool [N, width]}`` (see :func:`recompute_state`)."""
+
+    def step(tokens, positions, cache):
+        rows = jnp.arange(tokens.shape[0])
+        history = cache["tokens"].at[rows, positions].set(tokens)
+        valid = cache["valid"].at[rows, positions].set(True)
+        out = model(tokens=history, positions=jnp.broadcast_to(jnp.arange(width), history.shape),
+                    input_mask=valid)
+        return (out.logits[rows, positions], out.hidden[rows, positions],
+                {"tokens": history, "valid": valid})
+
+    return step
+
+
+def recompute_state(prompts: jax.Array, lengths: jax.Array, width: int) -> dict[str, jax.Array]:
+    """The initial history for :func:`recompute_step`: right-padded ``prompts [N, P]`` with
+    ``lengths [N]`` placed in ``width`` slots."""
+    tokens = jnp.zeros((prompts.shape[0], width), jnp.int32).at[:, :prompts.shape[1]].set(prompts)
+    return {"tokens": tokens, "valid": jnp.arange(width)[None] < lengths[:, None]}
+
+
 def brevity_penalty(length: jax.Array | int, alpha: float) -> jax.Array:
     """GNMT's length normalizer ``((5 + L) / 6) ** alpha`` (Wu et al., 2016), as the official
     PixelLLM beam search; ``L`` counts the generated tokens including EOS."""

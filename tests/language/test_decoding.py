@@ -408,8 +408,8 @@ def test_invalid_arguments_are_rejected():
 # Through a real DecoderLM: its KV cache against re-running the model over the whole sequence.
 
 def lm_prefill(model, prompts, steps):
-    """Right-padded prompt batch through the model once; returns first logits, next positions,
-    the cache (room for ``steps`` more tokens) and a one-token cached step function."""
+    """Right-padded prompt batch through the model once; returns first logits, next positions
+    and the cache (room for ``steps`` more tokens)."""
     batch, width = len(prompts), max(map(len, prompts))
     tokens = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
@@ -417,33 +417,13 @@ def lm_prefill(model, prompts, steps):
     positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
     out = model(tokens=tokens, positions=positions, input_mask=mask,
                 cache=model.init_cache(batch, width + steps))
-
-    def step(tokens, positions, cache):
-        out = model(tokens=tokens[:, None], positions=positions[:, None],
-                    input_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache)
-        return out.logits[:, 0], out.hidden[:, 0], out.cache
-
-    return out.logits[jnp.arange(batch), lengths - 1], lengths, out.cache, step
-
-
-def lm_recompute_step(model, width):
-    """A step function whose "cache" is only the token history: every step re-runs the model
-    without a cache over all ``width`` slots, as the official implementation does."""
-    def step(tokens, positions, cache):
-        rows = jnp.arange(tokens.shape[0])
-        history = cache["tokens"].at[rows, positions].set(tokens)
-        valid = cache["valid"].at[rows, positions].set(True)
-        out = model(tokens=history, positions=jnp.broadcast_to(jnp.arange(width), history.shape),
-                    input_mask=valid)
-        return out.logits[rows, positions], out.hidden[rows, positions], {"tokens": history,
-                                                                          "valid": valid}
-    return step
+    return out.logits[jnp.arange(batch), lengths - 1], lengths, out.cache
 
 
 @functools.partial(nnx.jit, static_argnames=("steps", "eos_id"))
 def lm_greedy(model, prompts, *, steps, eos_id):
-    logits, positions, cache, step = lm_prefill(model, [list(p) for p in prompts], steps)
-    return decoding.greedy_decode(step, logits=logits, positions=positions, cache=cache,
+    logits, positions, cache = lm_prefill(model, [list(p) for p in prompts], steps)
+    return decoding.greedy_decode(decoding.cached_step(model), logits=logits, positions=positions, cache=cache,
                                   max_new_tokens=steps, eos_id=eos_id, return_hidden=True)
 
 
@@ -501,12 +481,13 @@ def test_greedy_through_decoder_lm_cache_equals_recomputation():
 @functools.partial(nnx.jit, static_argnames=("steps", "cached"))
 def lm_beam(model, prompts, *, steps, cached):
     prompts = [list(p) for p in prompts]
-    logits, positions, cache, step = lm_prefill(model, prompts, steps)
+    logits, positions, cache = lm_prefill(model, prompts, steps)
+    step = decoding.cached_step(model)
     if not cached:
         width = max(map(len, prompts)) + steps
-        cache = {"tokens": jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32),
-                 "valid": jnp.arange(width)[None] < positions[:, None]}
-        step = lm_recompute_step(model, width)
+        padded = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
+        cache = decoding.recompute_state(padded, positions, width)
+        step = decoding.recompute_step(model, width)
     return decoding.beam_search(step, logits=logits, positions=positions, cache=cache,
                                 beam_size=3, max_new_tokens=steps, eos_id=7, return_hidden=True,
                                 return_all_beams=True)
