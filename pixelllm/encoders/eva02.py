@@ -162,7 +162,11 @@ class Block(nnx.Module):
 
 
 class Eva02(nnx.Module):
-    """EVA02 ViT. ``images: [B, H, W, 3]`` (``H, W == img_size``) -> ``[B, H/p, W/p, C]``.
+    """EVA02 ViT. ``images: [B, H, W, 3]`` (``H, W == img_size``) -> ``[B, H//p, W//p, C]``.
+
+    An ``img_size`` that is not a multiple of the patch size leaves the last ``img_size % p``
+    pixel rows and columns unseen (a VALID patch convolution), as the official PixelLLM runs
+    EVA02-L/14 on its 384 canvas: a 27x27 grid covering 378 pixels.
 
     ``rope_ref_grid`` is the token grid the RoPE positions are scaled to (16 for the released
     EVA02 weights, pretrained at 224/14). ``drop_path_rate`` is the last block's stochastic-depth
@@ -183,8 +187,8 @@ class Eva02(nnx.Module):
                  mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
                  rngs: nnx.Rngs):
         self.img_size = _pair(img_size)
-        if any(s % patch_size for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {patch_size}")
+        if any(s < patch_size for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         head_dim = embed_dim // num_heads
@@ -249,7 +253,7 @@ class Eva02(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "embed"), self.mesh, self.rules)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """``images: [B, H, W, 3]`` -> patch features ``[B, H/p, W/p, C]`` (cls dropped)."""
+        """``images: [B, H, W, 3]`` -> patch features ``[B, H//p, W//p, C]`` (cls dropped)."""
         x = self.forward_tokens(images)[:, 1:]
         if self.final_norm is not None:
             x = self.final_norm(x)

@@ -3,8 +3,9 @@
   python -m pixelllm.tools.param_table --config=configs/sam.py:vit_h [--depth=2]
   python -m pixelllm.tools.param_table --config=configs/eva02.py:large --config.model.img_size=224
 
-Rows group parameters by the first ``depth`` components of their path; ``trainable`` counts
-``nnx.Param`` (LoRA factors included), ``frozen`` every other variable type (``FrozenParam``).
+Rows group parameters by the first ``depth`` components of their path; ``trainable`` counts what
+the model's ``trainable()`` filter selects where it has one (PixelLLM: every ``nnx.Param`` outside
+its frozen modules), else every ``nnx.Param`` (LoRA factors included); ``frozen`` the rest.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def param_rows(model: nnx.Module, depth: int) -> list[tuple[str, int, int]]:
     """``[(path prefix, trainable, frozen)]`` in first-seen order, then a ``total`` row."""
     trainable: dict[str, int] = collections.defaultdict(int)
     frozen: dict[str, int] = collections.defaultdict(int)
+    trained_filter = model.trainable() if hasattr(model, "trainable") else nnx.Param
+    trained_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, trained_filter))}
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         prefix = "/".join(str(p) for p in path[:depth])
         size = int(variable.get_value().size)
-        (trainable if isinstance(variable, nnx.Param) else frozen)[prefix] += size
+        (trainable if path in trained_paths else frozen)[prefix] += size
     prefixes = list(dict.fromkeys([*trainable, *frozen]))
     rows = [(p, trainable[p], frozen[p]) for p in prefixes]
     rows.append(("total", sum(trainable.values()), sum(frozen.values())))

@@ -37,7 +37,8 @@ LAYOUTS = ("segment_anything", "transformers")
 class Attention(nnx.Module):
     """Multi-head attention with q/k/v projected to ``embedding_dim // downsample_rate``.
 
-    ``q: [B, Nq, C]``, ``k, v: [B, Nk, C]`` -> ``[B, Nq, C]``.
+    ``q: [B, Nq, C]``, ``k, v: [B, Nk, C]`` -> ``[B, Nq, C]``; ``key_mask: [B, Nk]`` (True =
+    attend) leaves keys out, e.g. padded text tokens used as keys by PixelLLM's mask adapter.
     """
 
     def __init__(self, *, embedding_dim: int, num_heads: int, downsample_rate: int = 1,
@@ -54,12 +55,14 @@ class Attention(nnx.Module):
         self.v_proj = linear(embedding_dim, internal_dim, axes=("embed", "heads"), **common)
         self.out_proj = linear(internal_dim, embedding_dim, axes=("heads", "embed"), **common)
 
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                 key_mask: jax.Array | None = None) -> jax.Array:
         def heads(x):
             return x.reshape(*x.shape[:-1], self.num_heads, x.shape[-1] // self.num_heads)
 
+        mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
         out = jax.nn.dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)),
-                                           heads(self.v_proj(v)))
+                                           heads(self.v_proj(v)), mask=mask)
         return self.out_proj(out.reshape(*out.shape[:-2], -1))
 
 
@@ -102,7 +105,8 @@ class TwoWayAttentionBlock(nnx.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 key_pe: jax.Array, key_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         if self.skip_first_layer_pe:
             # SAM's first block replaces the tokens by their self-attention (no residual): the
             # tokens are their own positional encoding at this point.
@@ -113,7 +117,8 @@ class TwoWayAttentionBlock(nnx.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys,
+                                                                      key_mask))
         queries = self.norm3(queries + self.mlp(queries))
 
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
@@ -159,7 +164,8 @@ class TwoWayTransformer(nnx.Module):
             **common)
 
     def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-                 point_embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 point_embedding: jax.Array, key_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """Runs the stack.
 
         Args:
@@ -167,6 +173,7 @@ class TwoWayTransformer(nnx.Module):
           image_pe: the image's positional encoding, shaped like ``image_embedding`` with or
             without the batch axis (``[HW, C]`` / ``[h, w, C]``; a batch of 1 broadcasts).
           point_embedding: tokens ``[B, N, C]``; also used as their positional encoding.
+          key_mask: optional ``[B, HW]`` bool; False keys are never attended to (SAM passes none).
 
         Returns:
           ``(queries [B, N, C], keys [B, HW, C])``.
@@ -180,8 +187,9 @@ class TwoWayTransformer(nnx.Module):
                              f"C={self.embedding_dim}], got {point_embedding.shape}")
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, key_mask)
+        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys,
+                                                  key_mask)
         return self.norm_final_attn(queries + attn_out), keys
 
     def _flatten_image(self, image_embedding, image_pe):

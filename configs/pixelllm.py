@@ -1,0 +1,79 @@
+"""PixelLLM: SAM (frozen) + EVA02 (trained) + a frozen language model with LoRA, and its heads.
+
+  --config=configs/pixelllm.py:t5_xl         the paper's model: SAM ViT-H + EVA02-L + Flan-T5-XL
+  --config=configs/pixelllm.py:gemma2_2b     SAM ViT-H + EVA02-L + Gemma 2 2B
+  --config=configs/pixelllm.py:llama3_2_1b   SAM ViT-H + EVA02-L + Llama 3.2 1B
+  --config=configs/pixelllm.py:tiny          tiny encoders + tiny T5 on a 32-pixel canvas (seconds)
+  --config=configs/pixelllm.py:tiny_decoder  the same with a tiny Llama-style decoder
+
+Both encoders run on the 384 canvas as the official PixelLLM (SAM: 24x24x256; EVA02-L/14: 27x27,
+the last 6 pixels unseen); their maps are fused at 27x27x1280. Module sizes follow the official
+code (`official-pixelllm.md` §1): prompt adapter depth 6 / width 512 / 8 heads / MLP 2048 / 32
+queries, point MLP 3 x 512, mask adapter 2 layers of 256; the proposal head is a single-level
+class-agnostic CenterNet on the fused map (the official uses CenterNet2 on a feature pyramid).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import decoder_lm as decoder_lm_config
+from configs import eva02 as eva02_config
+from configs import sam as sam_config
+from configs import t5 as t5_config
+
+_LANGUAGE_MODELS = {
+    "t5_xl": ("t5", "flan_t5_xl"),
+    "gemma2_2b": ("decoder", "gemma2_2b"),
+    "llama3_2_1b": ("decoder", "llama3_2_1b"),
+    "tiny": ("t5", "tiny"),
+    "tiny_decoder": ("decoder", "tiny_llama"),
+}
+
+
+def _language_model(kind: str, variant: str) -> dict:
+    source = t5_config if kind == "t5" else decoder_lm_config
+    return {"kind": kind, "model": source.get_config(variant).model.to_dict()}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "t5_xl"
+    if variant not in _LANGUAGE_MODELS:
+        raise ValueError(f"unknown PixelLLM variant {variant!r}; choose from "
+                         f"{sorted(_LANGUAGE_MODELS)}")
+    tiny = variant.startswith("tiny")
+    canvas = 32 if tiny else 384
+    sam = sam_config.get_config("tiny" if tiny else "vit_h").model.to_dict()
+    sam["image_encoder"]["img_size"] = canvas
+    eva02 = eva02_config.get_config("tiny" if tiny else "large").model.to_dict()
+    eva02.update(img_size=canvas, drop_path_rate=0.0 if tiny else 0.1)
+
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    config.model_class = "pixelllm.model.pixel_llm.PixelLLM"
+    config.model = ml_collections.ConfigDict({
+        "canvas_size": canvas,
+        "sam": sam,
+        "eva02": eva02,
+        "language_model": _language_model(*_LANGUAGE_MODELS[variant]),
+        "prompt_adapter": (dict(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4,
+                                visual_features=32) if tiny else
+                           dict(dim=512, depth=6, num_heads=8, mlp_dim=2048, num_queries=32,
+                                visual_features=1024)),
+        "point_head": dict(num_points=2, hidden_features=32 if tiny else 512, depth=3),
+        "mask_adapter": (dict(num_queries=2, depth=1, num_heads=4, mlp_dim=64) if tiny else
+                         dict(num_queries=2, depth=2, num_heads=8, mlp_dim=2048)),
+        "proposal_head": dict(hidden=16 if tiny else 256, num_convs=2 if tiny else 4,
+                              num_levels=1),
+        "proposals": dict(top_k=8 if tiny else 100, iou_threshold=0.6,
+                          num_text_proposals=2 if tiny else 16),
+        "frozen": ("sam",),
+    })
+    # Loss weights (pixelllm/model/objective.py). Pixel L1 terms: the official 0.1.
+    config.loss = ml_collections.ConfigDict({
+        "text": 1.0, "label_smoothing": 0.1,
+        "point": 0.1, "box_l1": 0.1, "box_giou": 1.0,
+        "mask_focal": 20.0, "mask_dice": 1.0, "mask_iou_mse": 1.0,
+        "proposal_heatmap": 0.5, "proposal_giou": 1.0,
+    })
+    config.sharding = common.sharding_config()
+    return config

@@ -1,0 +1,1 @@
+"""The PixelLLM model: image and language towers joined by prompt, point and proposal heads."""
