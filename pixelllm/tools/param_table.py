@@ -36,7 +36,8 @@ def param_rows(model: nnx.Module, depth: int) -> list[tuple[str, int, int]]:
     frozen: dict[str, int] = collections.defaultdict(int)
     trained_filter = model.trainable() if hasattr(model, "trainable") else nnx.Param
     trained_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, trained_filter))}
-    for path, variable in nnx.to_flat_state(nnx.state(model)):
+    # Weights only: RNG state (e.g. the dropout streams of stochastic depth) is not a parameter.
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState))):
         prefix = "/".join(str(p) for p in path[:depth])
         size = int(variable.get_value().size)
         (trainable if path in trained_paths else frozen)[prefix] += size

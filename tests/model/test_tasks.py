@@ -1,0 +1,66 @@
+"""Every task's inference entry on the tiny model: documented shapes and ranges."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelllm.model import tasks
+
+SETTINGS = tasks.DecodeSettings(bos_id=0, eos_id=1, pad_id=0, max_new_tokens=4)
+
+
+def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_batch,
+                                                         build_model):
+    model = build_model(tiny_t5_config, seed=7)
+    batch = make_batch(7)
+    b, s = batch["text_tokens"].shape[:2]
+    top_k = 3
+
+    @nnx.jit
+    def run(model, batch):
+        image, wh = batch["image"], batch["valid_wh"]
+        context = dict(context_tokens=batch["context_tokens"], context_mask=batch["context_mask"])
+        shifted = batch["target_boxes"] * jnp.array([0.5, 0.5, 0.6, 0.6])
+        return {
+            "trace": tasks.caption_with_traces(model, image, wh, settings=SETTINGS, **context),
+            "loca": tasks.location_caption(model, image, wh, boxes=batch["target_boxes"],
+                                           settings=SETTINGS, **context),
+            "loca_shifted": tasks.location_caption(model, image, wh, boxes=shifted,
+                                                   settings=SETTINGS, **context),
+            "refer": tasks.refer(model, image, wh, text_tokens=batch["text_tokens"],
+                                 text_mask=batch["text_mask"], segment=True, **context),
+            "dense": tasks.dense_caption(model, image, wh,
+                                         context_tokens=batch["context_tokens"][:, 0],
+                                         context_mask=batch["context_mask"][:, 0], top_k=top_k,
+                                         settings=SETTINGS),
+        }
+
+    out = run(model, batch)
+    wh = np.asarray(batch["valid_wh"])
+
+    trace = out["trace"]
+    assert trace.tokens.shape == (b, s, 4) and trace.token_points.shape == (b, s, 4, 2, 2)
+    points = np.asarray(trace.token_points)
+    assert (points >= 0).all() and (points <= wh[:, None, None, None, None, :]).all()
+    lengths = np.asarray(trace.lengths)
+    assert ((1 <= lengths) & (lengths <= 4)).all()
+    valid = np.asarray(trace.token_points_valid)
+    ended = np.take_along_axis(np.asarray(trace.tokens), lengths[..., None] - 1, -1)[..., 0] == 1
+    np.testing.assert_array_equal(valid.sum(-1), lengths - ended)
+
+    # The location prompt conditions the caption.
+    assert not np.allclose(out["loca"].log_prob, out["loca_shifted"].log_prob)
+
+    refer = out["refer"]
+    assert refer.boxes.shape == (b, s, 4) and refer.masks.shape == (b, s, 32, 32)
+    masks = np.asarray(refer.masks)
+    assert not masks[1, :, int(wh[1, 1]):].any()  # image 1 is padded below its valid height
+    boxes = np.asarray(refer.boxes)
+    assert (boxes[..., :2] <= boxes[..., 2:]).all() and (boxes[..., 2:] <= wh[:, None]).all()
+
+    dense = out["dense"]
+    assert dense.boxes.shape == (b, top_k, 4) and dense.captions.tokens.shape == (b, top_k, 4)
+    np.testing.assert_allclose(
+        dense.scores, np.sqrt(dense.proposal_scores * np.exp(dense.captions.log_prob)), rtol=1e-5)
+    assert (np.diff(np.asarray(dense.proposal_scores), axis=-1) <= 0).all()
+    assert (np.asarray(dense.boxes)[..., 2:] <= wh[:, None]).all()
