@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import platform
 import re
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import results_file
 from pixelllm.language import decoder, decoding
 
 # Llama-style, 8 layers of width 512 (grouped-query attention 8 q / 4 kv heads of 64), 32k vocab.
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                   jax=jax.__version__, python=platform.python_version(), model=MODEL,
                   parameters=params, batch=args.batch, prompt_tokens=args.prompt, runs=args.runs,
                   rows=rows)
-    out = args.out or (pathlib.Path(__file__).parent / "results"
-                       / f"decode_speed_{device_name()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    results_file.write(result, f"decode_speed_{device_name()}", args.out)
     return result
 
 

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -258,15 +257,14 @@ class PixelLLM(nnx.Module):
 
     # ------------------------------------------------------------------ proposals
 
-    def proposal_strides(self, levels: list) -> list[float]:
-        return [self.canvas_size / heatmap.shape[2] for heatmap, _ in levels]
-
     def propose(self, features: ImageFeatures, valid_wh: jax.Array, top_k: int
                 ) -> tuple[list, jax.Array, jax.Array]:
         """Proposal head outputs, and the ``top_k`` boxes ``[B, k, 4]`` with scores ``[B, k]``."""
         levels = self.proposal_head(features.fused)
-        boxes, scores = proposal_lib.decode(levels, strides=self.proposal_strides(levels),
-                                            top_k=top_k, valid_wh=valid_wh)
+        strides = proposal_lib.level_strides(self.canvas_size,
+                                             [heatmap.shape[1:3] for heatmap, _ in levels])
+        boxes, scores = proposal_lib.decode(levels, strides=strides, top_k=top_k,
+                                            valid_wh=valid_wh)
         return levels, boxes, scores
 
     def dense_caption_slots(self, batch: Mapping[str, jax.Array], proposals: jax.Array
@@ -333,8 +331,3 @@ class PixelLLM(nnx.Module):
                                text_mask=slot_inputs["text_mask"],
                                with_masks=True, rngs=rngs)
         return Outputs(slots=slots, proposals=levels, slot_inputs=slot_inputs)
-
-
-def grid_size(canvas_size: int, patch_size: int) -> int:
-    """Feature-grid side of a ViT with ``patch_size`` on the canvas (VALID patches)."""
-    return int(np.floor(canvas_size / patch_size))
