@@ -1,0 +1,23 @@
+"""TFDS builders for the data sets PixelLLM trains and evaluates on.
+
+Every builder is a manual-download ``GeneratorBasedBuilder`` written as ``array_record`` (read
+with ``builder.as_data_source()``, no TensorFlow). Importing a module registers its builder:
+
+==================================  ======================  ===================================
+module                              builder name            configs
+==================================  ======================  ===================================
+:mod:`.localized_narratives`        ``localized_narratives``  ``coco`` (one example per image,
+                                                            every annotator's narrative and
+                                                            per-utterance mouse traces)
+:mod:`.refcoco`                     ``refer_coco``          ``refcoco_unc``, ``refcoco_google``,
+                                                            ``refcocoplus_unc``,
+                                                            ``refcocog_google``, ``refcocog_umd``
+:mod:`.visual_genome`               ``vg_densecap``         ``densecap``, ``grit``
+==================================  ======================  ===================================
+
+Conventions shared by all: coordinates normalized to the stored image, x first, boxes
+``(x0, y0, x1, y1)`` in [0, 1]; every example has ``image`` (uint8 RGB, upright: see
+:mod:`data_pipelines.images`), ``image/id``, ``image/filename``, ``image/height`` and
+``image/width``; bad records are skipped and counted or refused (``skip_policy``, see
+:mod:`data_pipelines.skips`). These shared parts live in :mod:`.common`.
+"""
