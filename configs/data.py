@@ -1,0 +1,158 @@
+"""Input pipeline mixtures: sources, weights, tasks, op chains and the batch contract sizes.
+
+  --config=configs/data.py:pixelllm   multi-task training (trace + referring + dense captioning)
+  --config=configs/data.py:trace      Localized Narratives trace captioning (the `*_trace` stage)
+  --config=configs/data.py:ref        referring localization
+  --config=configs/data.py:refseg     referring segmentation
+  --config=configs/data.py:densecap   Visual Genome dense captioning
+  --config=configs/data.py:smoke      the pixelllm mixture at tiny sizes (CPU tests, benchmarks)
+
+Set ``--config.tokenizer`` (the language model's tokenizer file or folder) and
+``--config.data_dir`` (the TFDS data folder the builders wrote); ``pipeline.from_config`` makes
+the pipelines.
+
+Every source names a builder (``name/config``), a split, a task, a weight and its full op chain
+(``data_pipelines/ops``). ``tokenize`` entries take ``config.tokenizer`` unless they name one;
+everything else is spelled out here, sizes included, and every example is checked against
+``config.sizes`` (a mismatch raises, naming the key). Evaluation sources carry their own
+``sizes`` (more slots: every expression or object is scored) and ``batch_size``.
+
+Augmentation follows the official recipe (``official-pixelllm.md`` §3), with its two text bugs
+fixed: Localized Narratives at scale 1 (no crop, so traces stay whole), referring data with scale
+jitter 0.75-1.25 and a random crop (objects cropped away are dropped with their prompts), Visual
+Genome with a horizontal flip that swaps "left"/"right" in the phrases and scale 0.1-2.0 with a
+random crop. Evaluation resizes onto the canvas. Sizes are the official multi-task ones (S = 16
+slots, Lc = 32, L = 128, K = 2 corners, 384 canvas) and G = 100 ground-truth regions (the
+official VG evaluation's maximum).
+
+Differences from the official mixtures, which read data sets without builders here: COCO
+Captions (weight 3 in the official multi-task mixture) and LLaVA/ShareGPT4V are left out, and
+the UNINEXT referring mixture (flickr 1, mixed_coco 5, mixed_vg 1) is replaced by the RefCOCO
+family's train splits (refcoco_unc 2, refcocoplus_unc 2, refcocog_umd 3, the same total 7).
+RefCOCOg's umd train images include some of RefCOCO's val/test images (why MDETR built its
+"coco_img_safe" merge): evaluate RefCOCO/+ on a model trained without refcocog_umd, or accept the
+overlap knowingly.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+_SIZES = {
+    "full": dict(canvas=384, slots=16, context_length=32, text_length=128, points_per_token=2,
+                 objects=100),
+    "smoke": dict(canvas=32, slots=2, context_length=8, text_length=16, points_per_token=2,
+                  objects=4),
+}
+
+LN = "localized_narratives/coco"
+REFCOCO = "refer_coco/refcoco_unc"
+REFCOCO_PLUS = "refer_coco/refcocoplus_unc"
+REFCOCOG = "refer_coco/refcocog_umd"
+VG = "vg_densecap/densecap"
+
+
+def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
+               alignment: str = "official") -> list[dict]:
+    """The op chain of a source: decode, the task prompt, ``augment``, slots, tokens.
+
+    Args:
+      task: trace, caption, refer, refseg, loca or densecap.
+      train: training (random prompts, augmentation, random slot subsets) or evaluation.
+      sizes: the batch contract sizes (``_SIZES`` entries).
+      augment: ``"none"`` (resize onto the canvas), ``"crop"`` (scale 0.75-1.25 and a random
+        crop), ``"flip_crop"`` (a flip swapping "left"/"right", then scale 0.1-2.0 and a crop).
+      alignment: word-trace alignment of ``tokenize`` (``"official"`` or ``"exact"``).
+    """
+    canvas = sizes["canvas"]
+    if not train or augment == "none":
+        geometry = [{"op": "resize_and_pad", "canvas": canvas}]
+    elif augment == "crop":
+        geometry = [{"op": "random_scale_crop", "canvas": canvas, "min_scale": 0.75,
+                     "max_scale": 1.25}]
+    elif augment == "flip_crop":
+        geometry = [{"op": "horizontal_flip", "probability": 0.5, "mode": "swap"},
+                    {"op": "random_scale_crop", "canvas": canvas, "min_scale": 0.1,
+                     "max_scale": 2.0}]
+    else:
+        raise ValueError(f"unknown augmentation {augment!r}; expected none, crop or flip_crop")
+    return [
+        {"op": "decode"},
+        {"op": "task_prompt", "task": task, "train": train},
+        *geometry,
+        {"op": "slot", "task": task, "slots": sizes["slots"], "objects": sizes["objects"],
+         "train": train},
+        {"op": "tokenize", "context_length": sizes["context_length"],
+         "text_length": sizes["text_length"], "points_per_token": sizes["points_per_token"],
+         "alignment": alignment},
+    ]
+
+
+def _source(name: str, builder: str, split: str, task: str, *, sizes: dict, train: bool,
+            augment: str, weight: float = 1.0) -> dict:
+    return {"name": name, "builder": builder, "split": split, "task": task, "weight": weight,
+            "ops": source_ops(task=task, train=train, sizes=sizes, augment=augment)}
+
+
+def _train_sources(variant: str, sizes: dict) -> list[dict]:
+    def source(name, builder, task, augment, weight=1.0):
+        return _source(name, builder, "train", task, sizes=sizes, train=True, augment=augment,
+                       weight=weight)
+
+    trace = [source("ln_coco_trace", LN, "trace", "none")]
+    refer = [source("refcoco_unc", REFCOCO, "refer", "crop", 2.0),
+             source("refcocoplus_unc", REFCOCO_PLUS, "refer", "crop", 2.0),
+             source("refcocog_umd", REFCOCOG, "refer", "crop", 3.0)]
+    refseg = [source("refcoco_unc_seg", REFCOCO, "refseg", "crop", 2.0),
+              source("refcocoplus_unc_seg", REFCOCO_PLUS, "refseg", "crop", 2.0),
+              source("refcocog_umd_seg", REFCOCOG, "refseg", "crop", 3.0)]
+    densecap = [source("vg_densecap", VG, "densecap", "flip_crop", 5.0)]
+    return {"pixelllm": trace + refer + densecap, "smoke": trace + refer + densecap,
+            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap}[variant]
+
+
+def _eval_sources(variant: str, sizes: dict) -> list[dict]:
+    """Evaluation sources, each with its own sizes and batch size: evaluation scores every
+    expression and every described object, so a source gets as many slots as its images can
+    ask for (``slot`` raises otherwise) and a batch size that keeps the slot masks in memory."""
+    smoke = variant == "smoke"
+
+    def source(name, builder, split, task, slots, batch_size):
+        source_sizes = {**sizes, "slots": sizes["slots"] if smoke else slots}
+        entry = _source(name, builder, split, task, sizes=source_sizes, train=False,
+                        augment="none")
+        return {**entry, "sizes": source_sizes, "batch_size": 4 if smoke else batch_size}
+
+    trace = [source("ln_coco_trace_val", LN, "validation", "trace", 16, 32)]
+    refer = [source(f"refcoco_unc_{split}", REFCOCO, split, "refer", 64, 16)
+             for split in ("val", "testA", "testB")]
+    refseg = [source(f"refcoco_unc_seg_{split}", REFCOCO, split, "refseg", 64, 16)
+              for split in ("val", "testA", "testB")]
+    densecap = [source("vg_densecap_test", VG, "test", "densecap", 16, 32),
+                source("vg_loca_test", VG, "test", "loca", 256, 4),
+                source("refcocog_umd_loca_val", REFCOCOG, "val", "loca", 64, 16)]
+    return {"pixelllm": trace + refer + densecap, "smoke": trace + refer[:1] + densecap[:1],
+            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap}[variant]
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "pixelllm"
+    variants = ("pixelllm", "trace", "ref", "refseg", "densecap", "smoke")
+    if variant not in variants:
+        raise ValueError(f"unknown data variant {variant!r}; choose from {variants}")
+    sizes = _SIZES["smoke" if variant == "smoke" else "full"]
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    config.tokenizer = config_dict.placeholder(str)
+    config.data_dir = config_dict.placeholder(str)
+    config.sizes = dict(sizes)
+    # Official batch sizes: 128 multi-task, 256 trace, 64 referring / densecap (global).
+    config.batch_size = {"pixelllm": 128, "trace": 256, "ref": 64, "refseg": 64,
+                         "densecap": 64, "smoke": 4}[variant]
+    config.seed = 0
+    config.skip_policy = "skip"
+    config.num_threads = 2 if variant == "smoke" else 16
+    config.train = _train_sources(variant, sizes)
+    config.eval = _eval_sources(variant, sizes)
+    return config

@@ -1,0 +1,352 @@
+"""The input pipeline: a weighted mixture of sources, preprocessed into batches of the model
+batch contract, sharded per host, seeded and resumable (grain).
+
+Per source, a grain ``MapDataset`` chain (all index-based, hence reproducible and cheap to
+resume)::
+
+    records -> this host's slice [process_index::process_count] -> shuffle(seed) -> repeat
+            -> random_map(source ops, seed)          (None for a skipped bad record)
+
+then the sources are mixed by weight (grain's deterministic interleave: weights 1 and 2 give the
+pattern A B B A B B ...), read in threads, bad records left out, and batched. Each example
+carries its own task masks, so a batch may mix tasks (unlike the official one-source batches).
+
+* **Seed.** Shuffles and per-example random generators derive from ``seed``, the source index and
+  (for augmentation) the host, so one seed gives one stream per host.
+* **Resuming.** The iterator's ``get_state()`` is a small JSON-serializable dict (the position in
+  the mixed stream); ``set_state`` on an iterator of an identically built pipeline continues
+  with exactly the batches that would have come next. Save it beside the model checkpoint
+  (e.g. in an Orbax ``Composite`` with ``args.JsonSave``).
+* **Bad records.** A record that raises while being read (TFDS decodes images inside
+  ``source[i]``), or whose encoded image does not decode
+  (:class:`~data_pipelines.images.ImageError`), is counted in :attr:`InputPipeline.skips`
+  (:class:`~data_pipelines.skips.SkipCounter`) and left out; under ``skip_policy="fail"`` it
+  raises :class:`~data_pipelines.skips.BadRecordError` instead. Other errors (wrong op
+  arguments, a contract mismatch) always raise. Counts cover the records processed so far,
+  including a few prefetched ahead of the consumer, and start from zero in a resumed process.
+* **Shapes.** Every example is checked against the contract (:func:`example_spec`); a partial
+  last batch (finite ``num_epochs``, ``drop_remainder=False``) is filled with all-zero examples,
+  whose masks are all False.
+
+:func:`from_config` and :func:`eval_from_config` build the pipelines of a data config
+(``configs/data.py``) from the builders' prepared data; ``config.batch_size`` is global and
+split over the hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import images
+from data_pipelines.ops import registry
+from data_pipelines.skips import SkipCounter
+
+Example = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+UNREADABLE_RECORD = "unreadable record"
+CORRUPT_IMAGE = "corrupt image"
+
+# Distinct streams derived from the one seed.
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The fixed sizes of the batch contract.
+
+    Attributes:
+      canvas: H = W, canvas pixels.
+      slots: S, caption slots per image.
+      context_length: Lc, context tokens per slot.
+      text_length: L, text tokens per slot (and per ground-truth object).
+      points_per_token: K, trace target points per token.
+      objects: G, ground-truth objects per image (dense captioning).
+    """
+
+    canvas: int = 384
+    slots: int = 16
+    context_length: int = 32
+    text_length: int = 128
+    points_per_token: int = 2
+    objects: int = 100
+
+
+def example_spec(sizes: Sizes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``key -> (shape, dtype)`` of one example of the batch contract (batches add a leading
+    B axis)."""
+    c, s, lc, length, k, g = (sizes.canvas, sizes.slots, sizes.context_length,
+                              sizes.text_length, sizes.points_per_token, sizes.objects)
+    f32, i32, b = np.dtype(np.float32), np.dtype(np.int32), np.dtype(bool)
+    return {
+        "image": ((c, c, 3), f32),
+        "valid_wh": ((2,), f32),
+        "prompt_boxes": ((s, 4), f32),
+        "context_tokens": ((s, lc), i32),
+        "context_mask": ((s, lc), b),
+        "text_tokens": ((s, length), i32),
+        "text_mask": ((s, length), b),
+        "token_points": ((s, length, k, 2), f32),
+        "token_points_mask": ((s, length), b),
+        "target_boxes": ((s, 4), f32),
+        "target_masks": ((s, c, c), b),
+        "slot_mask": ((s,), b),
+        "task_text": ((s,), f32),
+        "task_points": ((s,), f32),
+        "task_box": ((s,), f32),
+        "task_mask": ((s,), f32),
+        "task_proposals": ((), f32),
+        "gt_boxes": ((g, 4), f32),
+        "gt_mask": ((g,), b),
+        "gt_text_tokens": ((g, length), i32),
+        "gt_text_mask": ((g, length), b),
+    }
+
+
+def check_example(example: Mapping[str, Any], spec: Mapping[str, tuple], *, where: str) -> None:
+    """Raises ``ValueError`` naming ``where`` and the key unless ``example`` matches ``spec``
+    exactly (keys, shapes, dtypes)."""
+    if set(example) != set(spec):
+        missing, extra = sorted(set(spec) - set(example)), sorted(set(example) - set(spec))
+        raise ValueError(f"{where}: example keys differ from the batch contract: missing "
+                         f"{missing}, unexpected {extra} (do the ops end with slot and "
+                         "tokenize?)")
+    for key, (shape, dtype) in spec.items():
+        value = example[key]
+        if np.shape(value) != shape or np.asarray(value).dtype != dtype:
+            raise ValueError(f"{where}: {key!r} is {np.asarray(value).dtype} "
+                             f"{np.shape(value)}, the contract says {dtype} {shape} (do the "
+                             "ops' sizes match the pipeline's Sizes?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One data source of a mixture.
+
+    Attributes:
+      name: names the source in logs and errors (e.g. ``"localized_narratives/coco:train"``).
+      records: random access to builder examples (``len`` and ``[i]``), e.g.
+        ``builder.as_data_source()[split]`` or a list of dicts.
+      ops: the preprocessing ops, an op spec (:func:`registry.parse`: a string, or a list of
+        strings, mappings or built ops).
+      weight: mixture weight (relative; > 0).
+    """
+
+    name: str
+    records: Sequence[Example]
+    ops: str | Sequence[Any]
+    weight: float = 1.0
+
+
+class _Skips:
+    """A :class:`SkipCounter` shared by the reading threads."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+        self._lock = threading.Lock()
+
+    def bad(self, reason: str, *, file: str, record: str, detail: str) -> None:
+        with self._lock:
+            self.counter.bad(reason, file=file, record=record, detail=detail)
+
+
+class _CountingRecords:
+    """``records`` whose unreadable entries come back as ``None``, counted."""
+
+    def __init__(self, records: Sequence[Example], *, name: str, skips: _Skips):
+        self._records = records
+        self._name = name
+        self._skips = skips
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Example | None:
+        try:
+            return self._records[index]
+        # Whatever a corrupt record makes the reader raise (image decoders, parsers).
+        except Exception as error:  # noqa: BLE001
+            self._skips.bad(UNREADABLE_RECORD, file=self._name, record=f"record {index}",
+                            detail=f"{type(error).__name__}: {error}")
+            return None
+
+
+class _Preprocess:
+    """A source's ops, with corrupt images counted and the result checked against the
+    contract."""
+
+    def __init__(self, source: Source, *, spec: Mapping[str, tuple], skips: _Skips):
+        self._op = registry.compose(registry.parse(source.ops))
+        self._name = source.name
+        self._spec = spec
+        self._skips = skips
+
+    def __call__(self, record: Example, rng: np.random.Generator) -> Example | None:
+        image_id = record.get("image/id", b"?")
+        image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+        try:
+            example = self._op(record, rng)
+        except images.ImageError as error:
+            self._skips.bad(CORRUPT_IMAGE, file=self._name, record=f"image {image_id}",
+                            detail=str(error))
+            return None
+        check_example(example, self._spec, where=f"{self._name}: image {image_id}")
+        return example
+
+
+def _derive_seed(seed: int, *key: int) -> int:
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0])
+
+
+class InputPipeline:
+    """Batches of the model contract from a weighted mixture of sources.
+
+    Args:
+      sources: the sources to mix.
+      batch_size: examples per batch on this host.
+      sizes: the contract sizes; every example is checked against them.
+      seed: makes the stream reproducible (shuffles and augmentation).
+      shuffle: shuffle each source (per epoch, reshuffled every epoch).
+      num_epochs: passes over every source; ``None`` repeats forever (training). Mixing
+        finite sources stops when the first one runs out.
+      drop_remainder: drop a last partial batch instead of filling it with empty examples.
+      process_index, process_count: this host and the number of hosts; default
+        ``jax.process_index()`` / ``jax.process_count()``. Host i reads records
+        ``i, i + count, ...`` of every source.
+      skip_policy: ``"skip"`` or ``"fail"`` for bad records (see the module docstring).
+      num_threads: reading/preprocessing threads.
+      prefetch: examples prepared ahead; default two batches.
+    """
+
+    def __init__(self, sources: Sequence[Source], *, batch_size: int, sizes: Sizes, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 drop_remainder: bool = True, process_index: int | None = None,
+                 process_count: int | None = None, skip_policy: str = "skip",
+                 num_threads: int = 2, prefetch: int | None = None):
+        if not sources:
+            raise ValueError("InputPipeline needs at least one source")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        process_index, process_count = _hosts(process_index, process_count)
+        self.sizes = sizes
+        self.batch_size = batch_size
+        self.skips = SkipCounter(policy=skip_policy, logger_name=__name__)
+        skips = _Skips(self.skips)
+        spec = example_spec(sizes)
+        datasets = []
+        for index, source in enumerate(sources):
+            if source.weight <= 0:
+                raise ValueError(f"source {source.name}: weight {source.weight} must be > 0")
+            records = grain.MapDataset.source(
+                _CountingRecords(source.records, name=source.name, skips=skips))
+            records = records[process_index::process_count]
+            if len(records) == 0:
+                raise ValueError(f"source {source.name}: {len(source.records)} records leave "
+                                 f"none for host {process_index} of {process_count}")
+            if shuffle:
+                records = records.shuffle(_derive_seed(seed, _SHUFFLE_STREAM, index))
+            records = records.repeat(num_epochs)
+            datasets.append(records.random_map(
+                _Preprocess(source, spec=spec, skips=skips),
+                seed=_derive_seed(seed, _AUGMENT_STREAM, index, process_index)))
+        mixed = (datasets[0] if len(datasets) == 1 else
+                 grain.MapDataset.mix(datasets, [source.weight for source in sources]))
+        read_options = grain.ReadOptions(num_threads=num_threads,
+                                         prefetch_buffer_size=prefetch or 2 * batch_size)
+        self.dataset = mixed.to_iter_dataset(read_options).batch(
+            batch_size, drop_remainder=drop_remainder, batch_fn=self._stack)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        """A fresh iterator from the start; ``get_state()`` / ``set_state()`` resume it."""
+        return iter(self.dataset)
+
+    def _stack(self, examples: Sequence[Example]) -> Batch:
+        spec = example_spec(self.sizes)
+        return {key: np.stack([example[key] for example in examples]
+                              + [np.zeros(shape, dtype)] * (self.batch_size - len(examples)))
+                for key, (shape, dtype) in spec.items()}
+
+
+def with_tokenizer(ops: Sequence[Mapping[str, Any]], tokenizer: str | None) -> list[dict]:
+    """``ops`` (op-spec mappings) with ``tokenizer`` filled into ``tokenize`` entries that name
+    none."""
+    filled = []
+    for op in ops:
+        op = dict(op.to_dict() if hasattr(op, "to_dict") else op)
+        if op.get("op") == "tokenize" and "tokenizer" not in op:
+            if not tokenizer:
+                raise ValueError("the data config has no tokenizer: set config.tokenizer to the "
+                                 "language model's tokenizer file or folder")
+            op["tokenizer"] = tokenizer
+        filled.append(op)
+    return filled
+
+
+def sources_from_config(entries: Sequence[Mapping[str, Any]], *, data_dir: str | None,
+                        tokenizer: str | None) -> list[Source]:
+    """:class:`Source` objects for config entries (``configs/data.py``), reading the builders'
+    prepared data in ``data_dir`` through ``as_data_source``."""
+    # Imported here: only config-driven pipelines need TFDS and the builders (registration).
+    import tensorflow_datasets as tfds
+
+    from data_pipelines.builders import localized_narratives, refcoco, visual_genome  # noqa: F401
+
+    if not data_dir:
+        raise ValueError("the data config has no data_dir: set config.data_dir to the TFDS "
+                         "data folder the builders wrote")
+    sources = []
+    for entry in entries:
+        builder = tfds.builder(entry["builder"], data_dir=data_dir)
+        records = builder.as_data_source()[entry["split"]]
+        sources.append(Source(name=f"{entry['builder']}:{entry['split']}", records=records,
+                              ops=with_tokenizer(entry["ops"], tokenizer),
+                              weight=entry["weight"]))
+    return sources
+
+
+def from_config(config: Any, *, process_index: int | None = None,
+                process_count: int | None = None) -> InputPipeline:
+    """The training pipeline of a data config: its ``train`` mixture, repeated and shuffled,
+    ``config.batch_size`` examples per step over all hosts."""
+    process_index, process_count = _hosts(process_index, process_count)
+    if config.batch_size % process_count:
+        raise ValueError(f"batch size {config.batch_size} does not split over "
+                         f"{process_count} hosts")
+    return InputPipeline(
+        sources_from_config(config.train, data_dir=config.data_dir, tokenizer=config.tokenizer),
+        batch_size=config.batch_size // process_count, sizes=Sizes(**config.sizes),
+        seed=config.seed, process_index=process_index, process_count=process_count,
+        skip_policy=config.skip_policy, num_threads=config.num_threads)
+
+
+def eval_from_config(config: Any, *, process_index: int | None = None,
+                     process_count: int | None = None) -> dict[str, InputPipeline]:
+    """One pipeline per ``eval`` source of a data config, with the source's own ``sizes`` and
+    ``batch_size``: one pass, in order, the last batch filled with empty examples."""
+    process_index, process_count = _hosts(process_index, process_count)
+    sources = sources_from_config(config.eval, data_dir=config.data_dir,
+                                  tokenizer=config.tokenizer)
+    return {entry["name"]: InputPipeline(
+                [source], batch_size=entry["batch_size"], sizes=Sizes(**entry["sizes"]),
+                seed=config.seed, shuffle=False, num_epochs=1, drop_remainder=False,
+                process_index=process_index, process_count=process_count,
+                skip_policy=config.skip_policy, num_threads=config.num_threads)
+            for entry, source in zip(config.eval, sources, strict=True)}
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """``(process_index, process_count)``, each defaulting to JAX's."""
+    if process_index is None or process_count is None:
+        import jax  # Only for the defaults: the pipeline itself runs without devices.
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
