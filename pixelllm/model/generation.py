@@ -37,16 +37,18 @@ class Generation(NamedTuple):
 
 
 def generate(model: PixelLLM, features: ImageFeatures, valid_wh: jax.Array, *,
-             prompt_boxes: jax.Array, context_tokens: jax.Array, context_mask: jax.Array,
+             prompt_boxes: jax.Array | None, context_tokens: jax.Array, context_mask: jax.Array,
              bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int, beam_size: int = 1,
-             brevity_alpha: float = 0.6, suppress_repeat: bool = False) -> Generation:
-    """Generates text for every slot (``prompt_boxes [B, S, 4]``, ``context_* [B, S, Lc]``).
+             brevity_alpha: float = 0.6, suppress_repeat: bool = False,
+             prompt_points: jax.Array | None = None) -> Generation:
+    """Generates text for every slot (``prompt_boxes [B, S, 4]`` or ``prompt_points
+    [B, S, P, 2]``, see :meth:`PixelLLM.visual_tokens`; ``context_* [B, S, Lc]``).
 
     ``beam_size == 1`` decodes greedily (``suppress_repeat`` is the official rule against an
     immediately repeated token); otherwise beam search with the official brevity penalty.
     """
-    batch, slots = prompt_boxes.shape[:2]
-    visual = model.visual_tokens(features, prompt_boxes)
+    batch, slots = context_tokens.shape[:2]
+    visual = model.visual_tokens(features, prompt_boxes, prompt_points=prompt_points)
     prefix, prefix_mask = model.prefix(visual, context_tokens, context_mask)
     start = text_model.start_decoding(model.lm, prefix=prefix, prefix_mask=prefix_mask,
                                       bos_id=bos_id, max_new_tokens=max_new_tokens)

@@ -186,11 +186,22 @@ class PixelLLM(nnx.Module):
         eva_map = self.eva02(normalize_clip(image, mask))
         return ImageFeatures(fused=fuse([eva_map, sam_map]), sam=sam_map)
 
-    def visual_tokens(self, features: ImageFeatures, prompt_boxes: jax.Array) -> jax.Array:
-        """``prompt_boxes [B, S, 4]`` canvas pixels -> visual tokens ``[B, S, Q, D]``."""
-        batch, slots = prompt_boxes.shape[:2]
+    def visual_tokens(self, features: ImageFeatures, prompt_boxes: jax.Array | None = None, *,
+                      prompt_points: jax.Array | None = None) -> jax.Array:
+        """Visual tokens ``[B, S, Q, D]`` for a location prompt per slot, canvas pixels:
+        ``prompt_boxes [B, S, 4]`` (two corner tokens, what PixelLLM trains on), or
+        ``prompt_points [B, S, P, 2]`` (positive points plus SAM's padding token, as SAM encodes
+        points given without a box)."""
+        if (prompt_boxes is None) == (prompt_points is None):
+            raise ValueError("pass exactly one of prompt_boxes and prompt_points")
         encoder = self.sam.prompt_encoder
-        tokens = encoder.embed_boxes(prompt_boxes.reshape(-1, 4).astype(jnp.float32))
+        if prompt_boxes is not None:
+            batch, slots = prompt_boxes.shape[:2]
+            tokens = encoder.embed_boxes(prompt_boxes.reshape(-1, 4).astype(jnp.float32))
+        else:
+            batch, slots, count = prompt_points.shape[:3]
+            tokens = encoder.embed_points(prompt_points.reshape(-1, count, 2).astype(jnp.float32),
+                                          jnp.ones((batch * slots, count), jnp.int32), pad=True)
         tokens = tokens.reshape(batch, slots, *tokens.shape[1:])
         height, width = features.fused.shape[1:3]
         image_pe = encoder.pe_layer(cell_centres(height, width))

@@ -7,7 +7,7 @@ task                           input                         output
 =============================  ============================  ===================================
 pixel-aligned captioning       context (caption prompt)      caption + points per word
 captioning / VQA               context (prompt / question)   text
-location-conditioned caption   boxes [B, S, 4] + context     caption per box
+location-conditioned caption   boxes [B, S, 4] (or points)   caption per box
 referring localization         expression (context + text)   box per expression
 referring segmentation         expression                    box + mask per expression
 dense object captioning        context ("an object of ")     proposals, their captions, scores
@@ -71,10 +71,15 @@ def caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
 
 
 def location_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
-                     boxes: jax.Array, context_tokens: jax.Array, context_mask: jax.Array,
-                     settings: DecodeSettings) -> Generation:
-    """Location-conditioned captioning: a caption for each of ``boxes [B, S, 4]``."""
-    return _generate(model, image, valid_wh, boxes, context_tokens, context_mask, settings)
+                     context_tokens: jax.Array, context_mask: jax.Array,
+                     settings: DecodeSettings, boxes: jax.Array | None = None,
+                     points: jax.Array | None = None) -> Generation:
+    """Location-conditioned captioning: a caption for each of ``boxes [B, S, 4]``, or for each
+    set of ``points [B, S, P, 2]`` (PixelLLM trains on boxes; points use SAM's point prompt)."""
+    features = model.encode_image(image, valid_wh)
+    return generate(model, features, valid_wh, prompt_boxes=boxes, prompt_points=points,
+                    context_tokens=context_tokens, context_mask=context_mask,
+                    **settings._asdict())
 
 
 class Referring(NamedTuple):

@@ -27,6 +27,9 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
                                            settings=SETTINGS, **context),
             "loca_shifted": tasks.location_caption(model, image, wh, boxes=shifted,
                                                    settings=SETTINGS, **context),
+            "loca_points": tasks.location_caption(
+                model, image, wh, points=batch["target_boxes"].reshape(b, s, 2, 2),
+                settings=SETTINGS, **context),
             "refer": tasks.refer(model, image, wh, text_tokens=batch["text_tokens"],
                                  text_mask=batch["text_mask"], segment=True, **context),
             "dense": tasks.dense_caption(model, image, wh,
@@ -48,8 +51,10 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
     ended = np.take_along_axis(np.asarray(trace.tokens), lengths[..., None] - 1, -1)[..., 0] == 1
     np.testing.assert_array_equal(valid.sum(-1), lengths - ended)
 
-    # The location prompt conditions the caption.
+    # The location prompt conditions the caption; points are another prompt than a box.
     assert not np.allclose(out["loca"].log_prob, out["loca_shifted"].log_prob)
+    assert out["loca_points"].tokens.shape == (b, s, 4)
+    assert not np.allclose(out["loca"].log_prob, out["loca_points"].log_prob)
 
     refer = out["refer"]
     assert refer.boxes.shape == (b, s, 4) and refer.masks.shape == (b, s, 32, 32)
