@@ -68,13 +68,6 @@ def fuse(maps: Sequence[jax.Array]) -> jax.Array:
                            axis=-1)
 
 
-def cell_centres(height: int, width: int) -> jax.Array:
-    """Normalized ``(x, y)`` centres of an ``h x w`` grid, ``[h, w, 2]`` (SAM's dense PE grid)."""
-    y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
-    x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
-    return jnp.stack(jnp.meshgrid(x, y, indexing="xy"), axis=-1)
-
-
 class ImageFeatures(NamedTuple):
     """``fused [B, h, w, C]`` (EVA02 then SAM channels) and ``sam [B, Hs, Ws, Cs]`` (SAM's image
     embedding, what its mask decoder reads)."""
@@ -203,8 +196,7 @@ class PixelLLM(nnx.Module):
             tokens = encoder.embed_points(prompt_points.reshape(-1, count, 2).astype(jnp.float32),
                                           jnp.ones((batch * slots, count), jnp.int32), pad=True)
         tokens = tokens.reshape(batch, slots, *tokens.shape[1:])
-        height, width = features.fused.shape[1:3]
-        image_pe = encoder.pe_layer(cell_centres(height, width))
+        image_pe = encoder.dense_pe(features.fused.shape[1:3])
         return self.prompt_adapter(features.fused, image_pe, tokens, encoder.no_mask_embed[...])
 
     def prefix(self, visual: jax.Array, context_tokens: jax.Array,

@@ -11,18 +11,15 @@ from pixelllm.model import batch as batch_lib
 from pixelllm.model import generation
 from pixelllm.model import objective
 from pixelllm.model import text_model
-from pixelllm.model.pixel_llm import cell_centres, eos_positions, fuse, padding_mask
+from pixelllm.model.pixel_llm import eos_positions, fuse, padding_mask
 from pixelllm.nn.lora import FrozenParam
 
 
-def test_padding_mask_and_cell_centres():
+def test_padding_mask():
     mask = padding_mask(jnp.array([[3.0, 2.0]]), (4, 5))
     expected = np.zeros((1, 4, 5), bool)
     expected[0, :2, :3] = True
     np.testing.assert_array_equal(mask, expected)
-    centres = cell_centres(2, 4)
-    np.testing.assert_allclose(centres[1, 3], [7 / 8, 3 / 4])
-    np.testing.assert_allclose(centres[0, 0], [1 / 8, 1 / 4])
 
 
 def test_fuse_resizes_to_the_largest_grid_and_concatenates_in_order():

@@ -154,9 +154,10 @@ class SamPromptEncoder(nnx.Module):
                              f"{self.mask_input_size[1]}, 1], got {masks.shape}")
         return self.mask_downscaling(masks.astype(self.dtype))
 
-    def dense_pe(self) -> jax.Array:
-        """Positional encoding of the image embedding's cell centres, ``[h, w, C]``."""
-        height, width = self.image_embedding_size
+    def dense_pe(self, grid_size: tuple[int, int] | None = None) -> jax.Array:
+        """Positional encoding of the cell centres of the image embedding (or of another
+        ``grid_size`` covering the same input, e.g. PixelLLM's fused map), ``[h, w, C]``."""
+        height, width = grid_size or self.image_embedding_size
         y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
         x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
         grid = jnp.stack(jnp.meshgrid(x, y, indexing="xy"), axis=-1)  # [h, w, (x, y)]

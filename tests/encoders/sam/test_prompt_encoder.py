@@ -2,6 +2,7 @@
 padding, dense PE), jit with static shapes, full-size parameter count, input validation and
 checkpoint key checking (including HF's tied positional matrix)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -246,3 +247,12 @@ def test_sam_prompt_encoder_converter_names_missing_and_unexpected_keys(hf_sam, 
         mask_in_chans=MASK_CHANS, rngs=nnx.Rngs(0)))
     with pytest.raises(CheckpointMismatchError, match="mis-shaped .*no_mask_embed"):
         assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+
+
+def test_dense_pe_on_another_grid_encodes_its_cell_centres():
+    encoder = SamPromptEncoder(embed_dim=8, image_embedding_size=(3, 3),
+                               input_image_size=(12, 12), mask_in_chans=4, rngs=nnx.Rngs(0))
+    pe = encoder.dense_pe((2, 4))
+    assert pe.shape == (2, 4, 8)
+    np.testing.assert_allclose(pe[1, 3], encoder.pe_layer(jnp.array([7 / 8, 3 / 4])), atol=1e-6)
+    np.testing.assert_allclose(pe[0, 0], encoder.pe_layer(jnp.array([1 / 8, 1 / 4])), atol=1e-6)
