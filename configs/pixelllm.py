@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.variant = variant
-    config.model_class = "pixelllm.model.pixel_llm.PixelLLM"
+    config.model_class = "pixelllm.models.pixel_llm.pixel_llm.PixelLLM"
     config.model = ml_collections.ConfigDict({
         "canvas_size": canvas,
         "sam": sam,
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           num_text_proposals=2 if tiny else 16),
         "frozen": ("sam",),
     })
-    # Loss weights (pixelllm/model/objective.py). Pixel L1 terms: the official 0.1.
+    # Loss weights (pixelllm/models/pixel_llm/objective.py). Pixel L1 terms: the official 0.1.
     config.loss = ml_collections.ConfigDict({
         "text": 1.0, "label_smoothing": 0.1,
         "point": 0.1, "box_l1": 0.1, "box_giou": 1.0,

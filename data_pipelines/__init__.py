@@ -8,5 +8,5 @@
 - :mod:`data_pipelines.alignment`: word-to-trace alignment (official and exact).
 - :mod:`data_pipelines.ops`: registered preprocessing ops; :mod:`data_pipelines.prompts`: the task
   prompts; :mod:`data_pipelines.pipeline`: weighted mixing, batching to the batch contract
-  (:mod:`pixelllm.model.batch`), per-host sharding, resumable iterator state.
+  (:mod:`pixelllm.models.pixel_llm.batch`), per-host sharding, resumable iterator state.
 """

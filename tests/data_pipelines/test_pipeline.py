@@ -18,7 +18,7 @@ from data_pipelines import pipeline
 from data_pipelines.pipeline import CORRUPT_IMAGE, UNREADABLE_RECORD, InputPipeline, Sizes, Source
 from data_pipelines.skips import BadRecordError
 from pixelllm.language.tokenizer import load_tokenizer
-from pixelllm.model import batch as model_batch
+from pixelllm.models.pixel_llm import batch as model_batch
 
 SIZES = Sizes(canvas=16, slots=2, context_length=24, text_length=24, points_per_token=2,
               objects=3)

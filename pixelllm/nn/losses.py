@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pixelllm.model import box_ops
+from pixelllm.nn import box_ops
 
 _FLOAT = jnp.float32
 
@@ -42,7 +42,7 @@ class LossValue(NamedTuple):
 def _check_weights(weights: jax.Array, item_shape: tuple[int, ...], loss: str) -> jax.Array:
     weights = jnp.asarray(weights, _FLOAT)
     if weights.shape != tuple(item_shape):
-        raise ValueError(f"pixelllm/model/losses.py {loss}: weights have shape {weights.shape}, "
+        raise ValueError(f"{loss}: weights have shape {weights.shape}, "
                          f"expected the item shape {tuple(item_shape)}")
     return weights
 
@@ -70,10 +70,10 @@ def text_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
     """
     vocab = logits.shape[-1]
     if label_smoothing and vocab < 2:
-        raise ValueError(f"pixelllm/model/losses.py text_cross_entropy: label smoothing needs a "
+        raise ValueError(f"text_cross_entropy: label smoothing needs a "
                          f"vocabulary of at least 2, got {vocab}")
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"pixelllm/model/losses.py text_cross_entropy: targets have shape "
+        raise ValueError(f"text_cross_entropy: targets have shape "
                          f"{targets.shape}, logits {logits.shape}")
     weights = _check_weights(weights, targets.shape, "text_cross_entropy")
     log_probs = jax.nn.log_softmax(logits.astype(_FLOAT), axis=-1)
@@ -161,11 +161,11 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
     DETR/SAM divide by the number of masks.
     """
     if targets.shape != logits.shape or pixel_valid.shape != logits.shape:
-        raise ValueError(f"pixelllm/model/losses.py mask_losses: logits {logits.shape}, targets "
+        raise ValueError(f"mask_losses: logits {logits.shape}, targets "
                          f"{targets.shape} and pixel_valid {pixel_valid.shape} must match")
     weights = _check_weights(weights, logits.shape[:-2], "mask_losses")
     if predicted_iou.shape != weights.shape:
-        raise ValueError(f"pixelllm/model/losses.py mask_losses: predicted_iou has shape "
+        raise ValueError(f"mask_losses: predicted_iou has shape "
                          f"{predicted_iou.shape}, expected {weights.shape}")
     pixel_axes = (-2, -1)
     valid = pixel_valid.astype(_FLOAT)
@@ -215,7 +215,7 @@ def heatmap_focal_loss(logits: jax.Array, heatmap: jax.Array, valid: jax.Array, 
     summed across devices.
     """
     if heatmap.shape != logits.shape or valid.shape != logits.shape:
-        raise ValueError(f"pixelllm/model/losses.py heatmap_focal_loss: logits {logits.shape}, "
+        raise ValueError(f"heatmap_focal_loss: logits {logits.shape}, "
                          f"heatmap {heatmap.shape} and valid {valid.shape} must match")
     heatmap = heatmap.astype(_FLOAT)
     valid = valid.astype(bool)

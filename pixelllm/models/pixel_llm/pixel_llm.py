@@ -1,7 +1,7 @@
 """PixelLLM: two image encoders, a prompt adapter, a frozen LoRA-adapted language model, a point
 head per output token, an EOS box, a proposal head and SAM's mask path, in one module.
 
-Data flow for a batch (keys of the batch contract, :mod:`pixelllm.model.batch`)::
+Data flow for a batch (keys of the batch contract, :mod:`pixelllm.models.pixel_llm.batch`)::
 
     image [B, H, W, 3] --SAM ViT (frozen)--> sam_map [B, Hs, Ws, 256] -----------------+
           \\-----------EVA02 (trainable)--> eva_map [B, He, We, Ce]                    |
@@ -33,11 +33,11 @@ from pixelllm.encoders import eva02 as eva02_lib
 from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language.decoder import DecoderLM
 from pixelllm.language.t5 import T5
-from pixelllm.model import proposal_head as proposal_lib
-from pixelllm.model import text_model
-from pixelllm.model.mask_adapter import MaskAdapter
-from pixelllm.model.point_head import PointHead, to_canvas
-from pixelllm.model.prompt_adapter import PromptAdapter
+from pixelllm.models.pixel_llm import proposal_head as proposal_lib
+from pixelllm.models.pixel_llm import text_model
+from pixelllm.models.pixel_llm.mask_adapter import MaskAdapter
+from pixelllm.models.pixel_llm.point_head import PointHead, to_canvas
+from pixelllm.models.pixel_llm.prompt_adapter import PromptAdapter
 from pixelllm.nn.resize import resize_2d
 
 # OpenAI CLIP statistics in 0-255, EVA02's pretraining normalization.
@@ -115,7 +115,7 @@ class PixelLLM(nnx.Module):
       language_model: ``{"kind": "t5" | "decoder", "model": <configs/t5.py or decoder_lm.py model>}``.
       prompt_adapter, point_head, mask_adapter: keyword arguments of those modules (sizes that
         follow from the encoders and LM are filled in here).
-      proposal_head: :class:`~pixelllm.model.proposal_head.ProposalHead` arguments, or None.
+      proposal_head: :class:`~pixelllm.models.pixel_llm.proposal_head.ProposalHead` arguments, or None.
       proposals: ``{"top_k", "iou_threshold", "num_text_proposals"}`` (dense captioning).
       frozen: top-level attribute names kept out of training (default ``("sam",)``).
       mesh, rules: activations of the encoders are constrained on this mesh (see
@@ -317,7 +317,7 @@ class PixelLLM(nnx.Module):
     # ------------------------------------------------------------------ training forward
 
     def __call__(self, batch: Mapping[str, jax.Array], *, rngs: nnx.Rngs | None = None) -> Outputs:
-        """Teacher-forced forward pass over a batch (see :mod:`pixelllm.model.batch`)."""
+        """Teacher-forced forward pass over a batch (see :mod:`pixelllm.models.pixel_llm.batch`)."""
         features = self.encode_image(batch["image"], batch["valid_wh"])
         slot_inputs = {key: batch[key] for key in
                        ("prompt_boxes", "text_tokens", "text_mask", "slot_mask", "task_text")}

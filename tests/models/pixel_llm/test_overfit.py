@@ -7,7 +7,8 @@ import optax
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
-from pixelllm.model import box_ops, objective, tasks
+from pixelllm.models.pixel_llm import objective, tasks
+from pixelllm.nn import box_ops
 
 
 def test_overfits_one_mixed_batch(make_batch, build_model):

@@ -7,11 +7,11 @@ from configs import pixelllm as pixelllm_config
 from flax import nnx
 
 from pixelllm.language.t5 import T5
-from pixelllm.model import batch as batch_lib
-from pixelllm.model import generation
-from pixelllm.model import objective
-from pixelllm.model import text_model
-from pixelllm.model.pixel_llm import eos_positions, fuse, padding_mask
+from pixelllm.models.pixel_llm import batch as batch_lib
+from pixelllm.models.pixel_llm import generation
+from pixelllm.models.pixel_llm import objective
+from pixelllm.models.pixel_llm import text_model
+from pixelllm.models.pixel_llm.pixel_llm import eos_positions, fuse, padding_mask
 from pixelllm.nn.lora import FrozenParam
 
 

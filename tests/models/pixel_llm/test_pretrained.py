@@ -17,8 +17,8 @@ from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.encoders import eva02
 from pixelllm.encoders.sam import sam
 from pixelllm.language import t5
-from pixelllm.model.pixel_llm import PixelLLM
-from pixelllm.model.pretrained import load_pretrained
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
+from pixelllm.models.pixel_llm.pretrained import load_pretrained
 
 
 def _randomized(module, seed):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.model import box_ops, losses
+from pixelllm.nn import box_ops, losses
 from pixelllm.nn import layers
 
 LevelOutput = tuple[jax.Array, jax.Array]

@@ -1,5 +1,5 @@
 """One inference entry per PixelLLM task. All take a canvas batch (``image [B, H, W, 3]`` 0-255,
-``valid_wh [B, 2]``, see :mod:`pixelllm.model.batch`) and tokenized task prompts; coordinates in
+``valid_wh [B, 2]``, see :mod:`pixelllm.models.pixel_llm.batch`) and tokenized task prompts; coordinates in
 and out are canvas pixels. Each function is traceable under ``nnx.jit`` with the sizes static.
 
 =============================  ============================  ===================================
@@ -24,8 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pixelllm.model.generation import Generation, generate
-from pixelllm.model.pixel_llm import PixelLLM, padding_mask
+from pixelllm.models.pixel_llm.generation import Generation, generate
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM, padding_mask
 from pixelllm.nn.resize import resize_2d
 
 

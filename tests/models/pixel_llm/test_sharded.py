@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pixelllm import sharding
-from pixelllm.model import objective
+from pixelllm.models.pixel_llm import objective
 
 
 def _loss_and_grads(model, batch, weights):

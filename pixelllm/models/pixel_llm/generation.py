@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from pixelllm.language import decoding
-from pixelllm.model import text_model
-from pixelllm.model.pixel_llm import ImageFeatures, PixelLLM
-from pixelllm.model.point_head import to_canvas
+from pixelllm.models.pixel_llm import text_model
+from pixelllm.models.pixel_llm.pixel_llm import ImageFeatures, PixelLLM
+from pixelllm.models.pixel_llm.point_head import to_canvas
 
 
 class Generation(NamedTuple):

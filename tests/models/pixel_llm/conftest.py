@@ -5,7 +5,7 @@ import pytest
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
-from pixelllm.model.pixel_llm import PixelLLM
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
 
 def synthetic_batch(seed: int, *, batch: int = 2, slots: int = 2, canvas: int = 32,

@@ -1,6 +1,6 @@
 """PixelLLM's training objective: every task's losses in one batch, gated per example.
 
-Each term is a :class:`~pixelllm.model.losses.LossValue` (a weighted sum and its normalizer), so
+Each term is a :class:`~pixelllm.nn.losses.LossValue` (a weighted sum and its normalizer), so
 a batch mixing tasks normalizes each loss by the examples that have it (the official code needs one
 task per batch and scales by the batch mean of a task mask instead). Total::
 
@@ -21,9 +21,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from pixelllm.model import losses
-from pixelllm.model import proposal_head as proposal_lib
-from pixelllm.model.pixel_llm import Outputs, padding_mask
+from pixelllm.nn import losses
+from pixelllm.models.pixel_llm import proposal_head as proposal_lib
+from pixelllm.models.pixel_llm.pixel_llm import Outputs, padding_mask
 from pixelllm.nn.resize import resize_2d
 
 LossValue = losses.LossValue

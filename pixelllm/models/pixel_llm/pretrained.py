@@ -22,7 +22,7 @@ from pixelllm.encoders import eva02 as eva02_lib
 from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language import decoder as decoder_lib
 from pixelllm.language import t5 as t5_lib
-from pixelllm.model.pixel_llm import PixelLLM
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
 Checkpoint = str | Path | Mapping[str, np.ndarray]
 

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from pixelllm import sharding
-from pixelllm.model import box_ops
-from pixelllm.model import proposal_head as ph
+from pixelllm.nn import box_ops
+from pixelllm.models.pixel_llm import proposal_head as ph
 
 
 def _jitted(function, *arrays, **settings):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.model import tasks
+from pixelllm.models.pixel_llm import tasks
 
 SETTINGS = tasks.DecodeSettings(bos_id=0, eos_id=1, pad_id=0, max_new_tokens=4)
 

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelllm.model import box_ops
+from pixelllm.nn import box_ops
 
 # Two overlapping boxes worked out by hand:
 # A = [0, 0, 4, 4] (area 16), B = [2, 2, 6, 8] (area 24); overlap [2, 2, 4, 4] = 4;
