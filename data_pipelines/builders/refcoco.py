@@ -13,9 +13,9 @@ the same examples:
 
   ``refs(<split_by>).p`` is a Python 2 pickle of a list of refs ``{ref_id, ann_id, image_id,
   category_id, split, sent_ids, sentences: [{tokens, raw, sent_id, sent}], file_name}``, read
-  with :func:`data_pipelines.safe_pickle.load_data_pickle` (data only, never code); a ref's own
-  ``file_name`` carries an annotation suffix, so image files are named by ``instances.json``
-  (``COCO_train2014_<12-digit id>.jpg`` where it has no ``file_name``).
+  with :func:`pixelllm.checkpoints.restricted_pickle.load_data_pickle` (data only, never code);
+  a ref's own ``file_name`` carries an annotation suffix, so image files are named by
+  ``instances.json`` (``COCO_train2014_<12-digit id>.jpg`` where it has no ``file_name``).
 * ``"tfds"``, the ``refcoco.json`` that TFDS's ``ref_coco`` has users make with its
   ``manual_download_process.py``: ``{"ref": [ref + {ann, dataset, dataset_partition}],
   "coco_anns": {"<image id>": {"info": image, "anns": [annotation]}}}`` (all data sets in one
@@ -77,7 +77,7 @@ from pycocotools import mask as coco_mask
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, UNASSIGNED,
                                             SkipPolicyBuilder, UnusableRecordError, image_fields,
                                             is_finite_number, is_int, read_image_of_size)
-from data_pipelines.safe_pickle import load_data_pickle
+from pixelllm.checkpoints.restricted_pickle import load_data_pickle
 from data_pipelines.skips import SkipCounter
 
 INPUT_FORMATS = ("auto", "refer", "tfds")
@@ -147,7 +147,7 @@ def read_refer_toolkit(manual_dir: str, *, dataset: str, split_by: str) -> Refer
     Raises:
       FileNotFoundError: a file is missing.
       ValueError: ``instances.json`` lacks ``images`` or ``annotations`` (names the file), or
-        the pickle is unsafe or malformed (see :mod:`data_pipelines.safe_pickle`).
+        the pickle is unsafe or malformed (see :mod:`pixelllm.checkpoints.restricted_pickle`).
     """
     refs_file = os.path.join(manual_dir, dataset, f"refs({split_by}).p")
     annotations_file = os.path.join(manual_dir, dataset, "instances.json")

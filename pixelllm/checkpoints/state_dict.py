@@ -46,6 +46,12 @@ def _read_sharded(index: Path, select: Callable[[str], bool]) -> dict[str, np.nd
             and all(isinstance(v, str) for v in weight_map.values())):
         raise ValueError(f"{index}: 'weight_map' must map each key to a shard file name")
     shards = sorted(set(weight_map.values()))
+    folder = index.parent.resolve()
+    outside = [s for s in shards
+               if Path(s).is_absolute() or not (folder / s).resolve().is_relative_to(folder)]
+    if outside:
+        raise ValueError(f"{index}: its weight_map names shard(s) outside {index.parent}: "
+                         f"{', '.join(outside)}; shards must be files in the index's folder")
     missing = [s for s in shards if not (index.parent / s).is_file()]
     if missing:
         raise FileNotFoundError(f"{index}: {len(missing)} shard(s) listed in its weight_map are "

@@ -2,18 +2,24 @@
 
 A ``torch.save`` file is a zip archive ``<name>/data.pkl`` (the pickled object) plus one
 uncompressed record ``<name>/data/<key>`` per storage and ``<name>/byteorder``. Unpickling runs
-whatever callables the pickle names, so ``data.pkl`` goes through an unpickler that resolves only
-the handful of globals a dict of tensors needs, and refuses every other one (``os.system``,
-``builtins.eval``, ...) before it can run. Tensors come back as lazy references; only the storages
-of the tensors the caller selects are read, each once.
+whatever callables the pickle names, so ``data.pkl`` goes through the project's restricted
+unpickler (:mod:`pixelllm.checkpoints.restricted_pickle`), which here resolves only the handful of
+globals a dict of tensors needs and refuses every other one (``os.system``, ``builtins.eval``,
+...) before it can run. Tensors come back as lazy references; only the storages of the tensors
+the caller selects are read, each once.
+
+Sizes are checked before anything is allocated: a record may not claim more bytes than the file
+has after it, a storage record must hold exactly the bytes the pickle's storage table gives it,
+and a compressed record may not inflate past its declared size (nor declare more than deflate can
+produce from its compressed bytes).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import math
+import os
 import pickle
 import struct
 import sys
@@ -25,6 +31,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from pixelllm.checkpoints import restricted_pickle
 
 # torch.save writes legacy typed-storage classes for these dtypes...
 _STORAGE_DTYPES = {
@@ -68,9 +76,13 @@ _REBUILDERS = {"_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
 # Start of every pre-1.6 (non-zip) torch.save file: pickle protocol 2, then LONG1 of its magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
+# Deflate emits at most 258 bytes per 2 bits of input (about 1032:1); a record claiming more than
+# this many times its compressed size is corrupt or a zip bomb.
+_MAX_INFLATION = 1032
+_CHUNK = 1 << 20
 
 
-class ForbiddenGlobalError(pickle.UnpicklingError):
+class ForbiddenGlobalError(restricted_pickle.UnsafePickleError):
     """The pickle names a global that a checkpoint of tensors has no use for; nothing was run."""
 
     def __init__(self, path: str, global_name: str):
@@ -114,9 +126,10 @@ class _TensorRef:
     strides: tuple[int, ...]  # In elements, as torch counts them.
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, *, path: str):
-        super().__init__(file, encoding="utf-8")
+class _TensorRecords:
+    """What ``data.pkl`` may name: the globals and storage ids of a dict of tensors."""
+
+    def __init__(self, *, path: str):
         self._path = path
 
     def find_class(self, module: str, name: str):
@@ -182,6 +195,7 @@ class _Archive:
 
     def __init__(self, path: str, file, zf: zipfile.ZipFile):
         self.path, self._file, self._zip = path, file, zf
+        self._file_size = os.fstat(file.fileno()).st_size
         pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise ValueError(f"{path}: not a torch.save archive (expected one '<name>/data.pkl', "
@@ -197,33 +211,70 @@ class _Archive:
             raise ValueError(f"{path}: unknown byteorder record {order!r}")
         self.swap = order.decode() != sys.byteorder
 
-    def read(self, name: str) -> np.ndarray:
-        """One record as a writable uint8 array, CRC-checked."""
+    def size(self, name: str) -> int:
+        """The declared (inflated) size of record ``name``, checked against the file."""
         try:
             info = self._zip.getinfo(name)
         except KeyError:
             raise ValueError(f"{self.path}: record '{name}' is missing: corrupt file") from None
+        stored = info.compress_type == zipfile.ZIP_STORED
+        held = info.file_size if stored else info.compress_size
+        if info.header_offset + held > self._file_size:
+            raise ValueError(f"{self.path}: record '{name}' claims {held} bytes at offset "
+                             f"{info.header_offset}, past the end of the {self._file_size}-byte "
+                             "file: corrupt file")
+        if not stored and info.file_size > _MAX_INFLATION * max(info.compress_size, 1):
+            raise ValueError(f"{self.path}: record '{name}' claims to inflate {info.compress_size} "
+                             f"bytes to {info.file_size}, more than deflate can: corrupt file or "
+                             "zip bomb")
+        return info.file_size
+
+    def read(self, name: str) -> np.ndarray:
+        """One record as a writable uint8 array, CRC-checked; sizes are checked first."""
+        size = self.size(name)
+        info = self._zip.getinfo(name)
         if info.compress_type != zipfile.ZIP_STORED:
-            with self._zip.open(info) as member:  # zipfile checks the CRC.
-                return np.frombuffer(bytearray(member.read()), np.uint8)
+            return self._inflate(info, size)
         self._file.seek(info.header_offset)
         header = self._file.read(_LOCAL_HEADER.size)
         if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
             raise ValueError(f"{self.path}: bad zip header for record '{name}': corrupt file")
         _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-        self._file.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
-        data = np.empty(info.file_size, np.uint8)
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if start + size > self._file_size:
+            raise ValueError(f"{self.path}: record '{name}' is truncated ({size} bytes declared, "
+                             f"{max(self._file_size - start, 0)} in the file)")
+        self._file.seek(start)
+        data = np.empty(size, np.uint8)
         view, filled = memoryview(data), 0
-        while filled < info.file_size:
+        while filled < size:
             n = self._file.readinto(view[filled:])
             if not n:
                 raise ValueError(f"{self.path}: record '{name}' is truncated "
-                                 f"({filled} of {info.file_size} bytes)")
+                                 f"({filled} of {size} bytes)")
             filled += n
         # torch.serialization.set_crc32_options(False) writes CRC 0 instead of the checksum.
         if info.CRC != 0 and zlib.crc32(data) != info.CRC:
             raise ValueError(f"{self.path}: record '{name}' fails its CRC check: corrupt file")
         return data
+
+    def _inflate(self, info: zipfile.ZipInfo, size: int) -> np.ndarray:
+        """A compressed record, in chunks, refused as soon as it passes its declared size."""
+        out = bytearray()
+        try:
+            with self._zip.open(info) as member:  # zipfile checks the CRC at the end.
+                # zipfile stops at the declared size itself; this loop does not rely on it.
+                while chunk := member.read(_CHUNK):
+                    out += chunk
+                    if len(out) > size:
+                        break
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ValueError(f"{self.path}: record '{info.filename}' does not inflate: {e}") from e
+        if len(out) != size:
+            raise ValueError(f"{self.path}: record '{info.filename}' inflates to "
+                             f"{'more than' if len(out) > size else len(out)} bytes; its header "
+                             f"declares {size}: corrupt file")
+        return np.frombuffer(out, np.uint8)
 
 
 def _open(path: str, file) -> zipfile.ZipFile:
@@ -241,17 +292,22 @@ def _open(path: str, file) -> zipfile.ZipFile:
                          "torch.save file") from None
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, _TensorRef], path: str) -> None:
+def _flatten(tree: Any, prefix: str, out: dict[str, _TensorRef],
+             walk: restricted_pickle.Walk, path: str) -> None:
+    walk.visit()
     if isinstance(tree, _TensorRef):
         if prefix in out:
-            raise ValueError(f"{path}: key '{prefix}' occurs twice once nested keys are joined by '.'")
+            raise ValueError(
+                f"{path}: key '{prefix}' occurs twice once nested keys are joined by '.'")
         out[prefix] = tree
     elif isinstance(tree, Mapping):
-        for k, v in tree.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, path)
+        with walk.enter(tree):
+            for k, v in tree.items():
+                _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, walk, path)
     elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            _flatten(v, f"{prefix}.{i}" if prefix else str(i), out, path)
+        with walk.enter(tree):
+            for i, v in enumerate(tree):
+                _flatten(v, f"{prefix}.{i}" if prefix else str(i), out, walk, path)
     # Anything else (epoch counters, config strings, ...) holds no weights.
 
 
@@ -278,25 +334,31 @@ def read_torch_file(path: str | Path, *,
     bfloat16); tensors that shared a storage in torch may share memory.
 
     Raises :class:`ForbiddenGlobalError` if the pickle names anything but what a dict of tensors
-    needs, and ``ValueError`` naming the file if it is truncated, corrupt or in the pre-1.6 format.
+    needs (:class:`~pixelllm.checkpoints.restricted_pickle.UnsafePickleError` for a refused
+    opcode), :class:`~pixelllm.checkpoints.restricted_pickle.PickleStructureError` for shared
+    references beyond the pickle's size, deep nesting or a cycle, and ``ValueError`` naming the
+    file if it is truncated, corrupt, claims sizes it does not hold or is in the pre-1.6 format.
     """
     path = str(path)
     with open(path, "rb") as file, _open(path, file) as zf:
         archive = _Archive(path, file, zf)
+        data = archive.read(archive.prefix + "data.pkl").tobytes()
+        records = _TensorRecords(path=path)
         try:
-            tree = _RestrictedUnpickler(io.BytesIO(archive.read(archive.prefix + "data.pkl")),
-                                        path=path).load()
-        except ForbiddenGlobalError:
+            tree = restricted_pickle.restricted_load(
+                data, name=path, allowed=restricted_pickle.DATA_OPCODES
+                | restricted_pickle.TORCH_OPCODES, resolve=records.find_class,
+                persistent_load=records.persistent_load, encoding="utf-8")
+        except restricted_pickle.UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
-                IndexError, KeyError) as e:
-            raise ValueError(f"{path}: cannot unpickle data.pkl ({type(e).__name__}: {e}): "
-                             "the file is corrupt or not a state dict") from e
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: cannot unpickle data.pkl ({e}): the file is corrupt or not "
+                             "a state dict") from e
         if not isinstance(tree, Mapping):
             held = "a single tensor" if isinstance(tree, _TensorRef) else type(tree).__name__
             raise ValueError(f"{path}: holds {held}, not a dict of tensors")
         refs: dict[str, _TensorRef] = {}
-        _flatten(tree, "", refs, path)
+        _flatten(tree, "", refs, restricted_pickle.Walk(name=path, budget=len(data)), path)
         raws: dict[str, np.ndarray] = {}
         elements: dict[tuple[str, np.dtype], np.ndarray] = {}
         out = {}
@@ -305,11 +367,12 @@ def read_torch_file(path: str | Path, *,
                 continue
             storage = ref.storage
             if storage.key not in raws:
-                raw = archive.read(f"{archive.prefix}data/{storage.key}")
-                if raw.size != storage.nbytes:
-                    raise ValueError(f"{path}: storage '{storage.key}' has {raw.size} bytes, the "
+                record = f"{archive.prefix}data/{storage.key}"
+                declared = archive.size(record)
+                if declared != storage.nbytes:
+                    raise ValueError(f"{path}: storage '{storage.key}' has {declared} bytes, the "
                                      f"pickle says {storage.nbytes}: corrupt file")
-                raws[storage.key] = raw
+                raws[storage.key] = archive.read(record)
             if (storage.key, ref.dtype) not in elements:
                 raw = raws[storage.key]
                 typed = raw[: raw.size - raw.size % ref.dtype.itemsize].view(ref.dtype)

@@ -24,7 +24,7 @@ repeated twice in place, and the rotation pairs interleaved channels ``(x0, x1) 
 only when S equals the reference grid (224 inputs); weights fine-tuned with that port at other
 sizes saw other RoPE positions than this module uses.
 
-Checkpoints: :func:`convert_state_dict` reads timm names and BAAI names, resamples the absolute
+Checkpoints: :func:`load` reads timm names and BAAI names, resamples the absolute
 position embedding to the model's grid as timm does on load (bicubic with antialias, cls slot
 kept), and drops (and logs) the classifier head, MIM-only tensors and the fixed RoPE buffers.
 """
@@ -35,7 +35,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pixelllm import sharding
-from pixelllm.checkpoints.assign import assign, check_keys
+from pixelllm.checkpoints.assign import assign, param_shapes
+from pixelllm.checkpoints.key_map import (
+    CONV, KEEP, TRANSPOSE, Rule, Transform, apply_key_map)
+from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.layers import conv, layer_norm, linear, param
 from pixelllm.nn.resize import resize_2d
 
@@ -53,6 +56,8 @@ _log = logging.getLogger(__name__)
 # timm initializes every Linear with trunc_normal(std=.02) and cuts at +-2 (absolute), which for
 # std .02 is a plain normal.
 _INIT_STD = 0.02
+# The released EVA02 trunks, to say which one a file of another size looks like.
+_RELEASED = {(1024, 24): "L", (768, 12): "B", (384, 12): "S"}
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -128,19 +133,37 @@ class SwiGLU(nnx.Module):
         return self.fc2(self.norm(jax.nn.silu(self.fc1_g(x)) * self.fc1_x(x)))
 
 
-def _drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
-    # One mask value per example (broadcast over tokens and channels), rescaled by 1/keep as
-    # timm's DropPath; built deterministic so a fresh model is in eval mode until .train().
-    if rate <= 0.0:
-        return None
-    return nnx.Dropout(rate, broadcast_dims=(1, 2), deterministic=True, rngs=rngs)
+class DropPath(nnx.Module):
+    """Stochastic depth as timm's ``DropPath``: one keep/drop draw per example (broadcast over
+    tokens and channels), kept values rescaled by ``1 / (1 - rate)``.
+
+    The rate is a call argument, not a field, so that blocks of different depth (different
+    rates) share one structure and can be stacked for ``nnx.scan``. Built deterministic, so a
+    fresh model is in eval mode until ``.train()``; draws from the ``dropout`` stream.
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.deterministic = True
+        self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x: jax.Array, rate: float | jax.Array) -> jax.Array:
+        """``x: [B, ...]``; ``rate`` a scalar in ``[0, 1)``."""
+        if self.deterministic:
+            return x
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
+        kept = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)``."""
+    """Pre-norm transformer block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)``.
+
+    ``drop_path``: whether the residual branches have stochastic depth (their rate is given per
+    call, see :class:`DropPath`).
+    """
 
     def __init__(self, *, embed_dim: int, num_heads: int, hidden_dim: int, eps: float,
-                 drop_path: float, out_init_std: float, dtype: jnp.dtype | None,
+                 drop_path: bool, out_init_std: float, dtype: jnp.dtype,
                  param_dtype: jnp.dtype, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(embed_dim, eps=eps, **common)
@@ -149,16 +172,65 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(embed_dim, eps=eps, **common)
         self.mlp = SwiGLU(embed_dim=embed_dim, hidden_dim=hidden_dim, eps=eps,
                           fc2_init_std=out_init_std, **common)
-        self.drop_path1 = _drop_path(drop_path, rngs)
-        self.drop_path2 = _drop_path(drop_path, rngs)
+        self.drop_path1 = DropPath(rngs=rngs) if drop_path else None
+        self.drop_path2 = DropPath(rngs=rngs) if drop_path else None
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array,
-                 constrain: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        """``x: [B, 1+N, C]``; ``constrain`` pins the residual stream's sharding."""
+                 constrain: Callable[[jax.Array], jax.Array],
+                 drop_rate: float | jax.Array) -> jax.Array:
+        """``x: [B, 1+N, C]``; ``constrain`` pins the residual stream's sharding; ``drop_rate``
+        is this block's stochastic-depth rate (unused without ``drop_path``)."""
         y = self.attn(self.norm1(x), sin, cos)
-        x = constrain(x + (y if self.drop_path1 is None else self.drop_path1(y)))
+        x = constrain(x + (y if self.drop_path1 is None else self.drop_path1(y, drop_rate)))
         y = self.mlp(self.norm2(x))
-        return constrain(x + (y if self.drop_path2 is None else self.drop_path2(y)))
+        return constrain(x + (y if self.drop_path2 is None else self.drop_path2(y, drop_rate)))
+
+
+def _stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """Structurally identical modules -> one module whose variables gain a leading layer axis
+    (logical name None: layers are never sharded), the layout ``nnx.scan`` runs over."""
+    graphdef, *_ = nnx.split(modules[0])
+    states = [nnx.split(module)[1] for module in modules]
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)
+
+    def add_layer_axis(_, variable):
+        axes = variable.get_metadata().get("logical_axes")
+        return variable if axes is None else variable.replace(logical_axes=(None, *axes))
+
+    return nnx.merge(graphdef, nnx.map_state(add_layer_axis, stacked))
+
+
+_STACKED_BLOCK_RE = re.compile(r"^blocks/(\d+)/(.+)$")
+
+
+def stack_block_params(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-layer ``{"blocks/{i}/path": array}`` -> stacked ``{"blocks/path": [depth, ...]}``,
+    the parameter layout of an ``Eva02(scan_layers=True)``; other keys pass unchanged."""
+    per_layer: dict[str, dict[int, np.ndarray]] = {}
+    out = {}
+    for key, value in params.items():
+        match = _STACKED_BLOCK_RE.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            per_layer.setdefault(match.group(2), {})[int(match.group(1))] = value
+    for path, layers in per_layer.items():
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"blocks/*/{path}: layers {sorted(layers)} are not 0..n-1")
+        out[f"blocks/{path}"] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+    return out
+
+
+def unstack_block_params(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`stack_block_params`."""
+    out = {}
+    for key, value in params.items():
+        if key.startswith("blocks/"):
+            for i, layer in enumerate(np.asarray(value)):
+                out[f"blocks/{i}/{key[len('blocks/'):]}"] = layer
+        else:
+            out[key] = value
+    return out
 
 
 class Eva02(nnx.Module):
@@ -172,6 +244,13 @@ class Eva02(nnx.Module):
     EVA02 weights, pretrained at 224/14). ``drop_path_rate`` is the last block's stochastic-depth
     rate (linear from 0 in the first block); it draws from the ``dropout`` stream of ``rngs``.
 
+    ``dtype`` is the compute dtype (bfloat16 on accelerators), ``param_dtype`` the storage dtype
+    (float32); LayerNorm statistics, RoPE and the attention softmax run in float32 whatever the
+    compute dtype. ``remat`` names the blocks' rematerialization policy
+    (:mod:`pixelllm.nn.remat`). ``scan_layers`` stores the blocks stacked (parameters
+    ``blocks/...`` with a leading depth axis, see :func:`stack_block_params`) and runs them with
+    ``nnx.scan``: one compiled block instead of ``depth`` copies, same values.
+
     With a ``mesh``, the residual stream is constrained to ``('batch', 'length', 'embed')`` under
     ``rules`` after the embedding and after every residual addition. Besides fixing the
     activation layout, this avoids wrong results from XLA's partitioner (seen with jax 0.10.2 on
@@ -183,7 +262,8 @@ class Eva02(nnx.Module):
                  depth: int, num_heads: int, mlp_ratio: float,
                  rope_ref_grid: int | tuple[int, int], layer_norm_eps: float = 1e-6,
                  final_norm: bool = True, drop_path_rate: float = 0.0,
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                 remat: str = "none", scan_layers: bool = False,
                  mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
                  rngs: nnx.Rngs):
         self.img_size = _pair(img_size)
@@ -200,6 +280,9 @@ class Eva02(nnx.Module):
         self.rope_ref_grid = _pair(rope_ref_grid)
         self.mesh = mesh
         self.rules = sharding.rules_from_config(rules)
+        self.dtype = dtype
+        self.remat = remat_lib.check_remat(remat)
+        self.scan_layers = scan_layers
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.patch_embed = conv(3, embed_dim, (patch_size, patch_size),
@@ -211,14 +294,16 @@ class Eva02(nnx.Module):
                                (None, None, "embed"))
         self.pos_embed = param(init(rngs.params(), (1, num_tokens, embed_dim), param_dtype),
                                (None, None, "embed"))
-        rates = np.linspace(0.0, drop_path_rate, depth)
+        self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
         hidden_dim = int(embed_dim * mlp_ratio)
-        self.blocks = nnx.List([
+        blocks = [
             # timm's fix_init_weight: residual-branch outputs shrink with depth.
             Block(embed_dim=embed_dim, num_heads=num_heads, hidden_dim=hidden_dim,
-                  eps=layer_norm_eps, drop_path=float(rates[i]),
+                  eps=layer_norm_eps, drop_path=drop_path_rate > 0.0,
                   out_init_std=_INIT_STD / math.sqrt(2.0 * (i + 1)), **common)
-            for i in range(depth)])
+            for i in range(depth)]
+        # Built one by one either way, so both layouts start from the same weights.
+        self.blocks = _stack_modules(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = layer_norm(embed_dim, eps=layer_norm_eps, **common) if final_norm else None
 
     @classmethod
@@ -238,19 +323,27 @@ class Eva02(nnx.Module):
         Equals timm's ``forward_features``.
         """
         self._check_images(images)
-        x = self.patch_embed(images)
+        x = self.patch_embed(jnp.asarray(images, self.dtype))
         b, _, _, c = x.shape
         x = x.reshape(b, -1, c)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, c))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-        x = self._constrain(x)
+        constrain = functools.partial(sharding.constrain, logical_axes=("batch", "length", "embed"),
+                                      mesh=self.mesh, rules=self.rules)
+        x = constrain(x)
         sin, cos = (jnp.asarray(t) for t in rope_table(self.grid, self.head_dim, self.rope_ref_grid))
-        for block in self.blocks:
-            x = block(x, sin, cos, self._constrain)
-        return x
+        run_block = remat_lib.remat(
+            lambda block, x, rate: block(x, sin, cos, constrain, rate), self.remat)
+        if not self.scan_layers:
+            for block, rate in zip(self.blocks, self.drop_path_rates):
+                x = run_block(block, x, rate)
+            return x
 
-    def _constrain(self, x: jax.Array) -> jax.Array:
-        return sharding.constrain(x, ("batch", "length", "embed"), self.mesh, self.rules)
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        def run_stack(x, block, rate):
+            return run_block(block, x, rate)
+
+        return run_stack(x, self.blocks, jnp.asarray(self.drop_path_rates, jnp.float32))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """``images: [B, H, W, 3]`` -> patch features ``[B, H//p, W//p, C]`` (cls dropped)."""
@@ -262,44 +355,33 @@ class Eva02(nnx.Module):
 
 # ----------------------------------------------------------------------------- converter
 
-# BAAI EVA-02 names -> timm names, as timm's checkpoint_filter_fn.
-_BAAI_RENAMES = (
-    (re.compile(r"\.mlp\.w1\."), ".mlp.fc1_g."),
-    (re.compile(r"\.mlp\.w2\."), ".mlp.fc1_x."),
-    (re.compile(r"\.mlp\.ffn_ln\."), ".mlp.norm."),
-    (re.compile(r"\.mlp\.w3\."), ".mlp.fc2."),
+# timm block-relative name -> (nnx path relative to the block, transform), then BAAI EVA-02's own
+# names for the same tensors (timm's checkpoint_filter_fn renames them the same way).
+_BLOCK_RULES = (
+    ("norm1.weight", "norm1/scale", KEEP), ("norm1.bias", "norm1/bias", KEEP),
+    ("attn.q_proj.weight", "attn/q/kernel", TRANSPOSE), ("attn.q_proj.bias", "attn/q/bias", KEEP),
+    ("attn.k_proj.weight", "attn/k/kernel", TRANSPOSE),
+    ("attn.v_proj.weight", "attn/v/kernel", TRANSPOSE), ("attn.v_proj.bias", "attn/v/bias", KEEP),
+    ("attn.proj.weight", "attn/proj/kernel", TRANSPOSE), ("attn.proj.bias", "attn/proj/bias", KEEP),
+    ("norm2.weight", "norm2/scale", KEEP), ("norm2.bias", "norm2/bias", KEEP),
+    ("mlp.fc1_g.weight", "mlp/fc1_g/kernel", TRANSPOSE), ("mlp.fc1_g.bias", "mlp/fc1_g/bias", KEEP),
+    ("mlp.fc1_x.weight", "mlp/fc1_x/kernel", TRANSPOSE), ("mlp.fc1_x.bias", "mlp/fc1_x/bias", KEEP),
+    ("mlp.norm.weight", "mlp/norm/scale", KEEP), ("mlp.norm.bias", "mlp/norm/bias", KEEP),
+    ("mlp.fc2.weight", "mlp/fc2/kernel", TRANSPOSE), ("mlp.fc2.bias", "mlp/fc2/bias", KEEP),
 )
-# Only with separate q/k/v weights (a fused-qkv checkpoint keeps its names and is reported).
-_BAAI_BIAS_RENAMES = (
-    (re.compile(r"\.attn\.q_bias$"), ".attn.q_proj.bias"),
-    (re.compile(r"\.attn\.v_bias$"), ".attn.v_proj.bias"),
+_BAAI_BLOCK_RULES = (
+    ("mlp.w1.weight", "mlp/fc1_g/kernel", TRANSPOSE), ("mlp.w1.bias", "mlp/fc1_g/bias", KEEP),
+    ("mlp.w2.weight", "mlp/fc1_x/kernel", TRANSPOSE), ("mlp.w2.bias", "mlp/fc1_x/bias", KEEP),
+    ("mlp.ffn_ln.weight", "mlp/norm/scale", KEEP), ("mlp.ffn_ln.bias", "mlp/norm/bias", KEEP),
+    ("mlp.w3.weight", "mlp/fc2/kernel", TRANSPOSE), ("mlp.w3.bias", "mlp/fc2/bias", KEEP),
 )
-
-# timm block-relative name -> (nnx path relative to the block, torch Linear weight?)
-_BLOCK_KEYS = {
-    "norm1.weight": ("norm1/scale", False), "norm1.bias": ("norm1/bias", False),
-    "attn.q_proj.weight": ("attn/q/kernel", True), "attn.q_proj.bias": ("attn/q/bias", False),
-    "attn.k_proj.weight": ("attn/k/kernel", True),
-    "attn.v_proj.weight": ("attn/v/kernel", True), "attn.v_proj.bias": ("attn/v/bias", False),
-    "attn.proj.weight": ("attn/proj/kernel", True), "attn.proj.bias": ("attn/proj/bias", False),
-    "norm2.weight": ("norm2/scale", False), "norm2.bias": ("norm2/bias", False),
-    "mlp.fc1_g.weight": ("mlp/fc1_g/kernel", True), "mlp.fc1_g.bias": ("mlp/fc1_g/bias", False),
-    "mlp.fc1_x.weight": ("mlp/fc1_x/kernel", True), "mlp.fc1_x.bias": ("mlp/fc1_x/bias", False),
-    "mlp.norm.weight": ("mlp/norm/scale", False), "mlp.norm.bias": ("mlp/norm/bias", False),
-    "mlp.fc2.weight": ("mlp/fc2/kernel", True), "mlp.fc2.bias": ("mlp/fc2/bias", False),
-}
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def _is_ignored(key: str, *, mim: bool, final_norm: bool) -> bool:
-    """Tensors that never become parameters of :class:`Eva02`."""
-    if key.startswith("head.") or key.startswith("rope."):
-        return True  # classifier head; fixed RoPE tables BAAI stores as buffers
-    if mim and (key == "mask_token" or key.startswith("lm_head.")):
-        return True
-    if not final_norm and (key.startswith("fc_norm.") or key.startswith("norm.")):
-        return True
-    return False
+# BAAI's q/v biases, only beside separate q/k/v weights: a fused-qkv file keeps them reported.
+_BAAI_BIAS_RULES = (("attn.q_bias", "attn/q/bias", KEEP), ("attn.v_bias", "attn/v/bias", KEEP))
+# Tensors of public EVA02 files that are not Eva02 parameters: the classifier head and BAAI's fixed
+# RoPE buffers; with a mask token (MIM pretraining) also the MIM head.
+_DROPPED = ("head.*", "rope.*")
+_MIM_DROPPED = ("mask_token", "lm_head.*")
+_FINAL_NORM_NAMES = ("fc_norm", "norm")  # `norm`: MIM files, as timm moves it
 
 
 def resample_pos_embed(pos_embed: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -317,74 +399,72 @@ def resample_pos_embed(pos_embed: np.ndarray, grid: tuple[int, int]) -> np.ndarr
     return np.concatenate([pos_embed[:, :1], table], axis=1)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
-                       img_size: int | tuple[int, int] | None = None, final_norm: bool = True,
-                       source: str = "EVA02 state dict") -> dict[str, np.ndarray]:
-    """timm or BAAI EVA02 state dict (torch layouts) -> ``{"nnx/path": array}`` for :class:`Eva02`.
+def key_rules(model: Eva02, state_dict: Mapping[str, np.ndarray]
+              ) -> tuple[list[Rule], list[str]]:
+    """The key map from a timm or BAAI EVA02 file to ``model``: ``(rules, drop patterns)``.
 
-    ``img_size``: the model's input size; the position embedding is resampled to its grid when
-    the checkpoint's differs (None keeps the checkpoint's grid). ``final_norm``: whether the
-    model has the final LayerNorm (timm ``fc_norm``; ``norm`` in MIM checkpoints, as timm moves
-    it); without it those tensors are dropped. Dropped tensors (``head.*``, RoPE buffers,
-    ``mask_token``/``lm_head.*`` of MIM checkpoints) are logged. Any other unknown or missing
-    source key raises :class:`~pixelllm.checkpoints.assign.CheckpointMismatchError` naming it.
+    The position embedding is resampled to the model's grid when the file's differs, as timm
+    does on load. Without ``model.final_norm`` the file's ``fc_norm``/``norm`` are dropped.
     """
-    mim = "mask_token" in state_dict
-    ignored = sorted(k for k in state_dict if _is_ignored(k, mim=mim, final_norm=final_norm))
-    skip = set(ignored)
-    if ignored:
-        _log.info("%s: ignored %d tensors not used by Eva02: %s", source, len(ignored),
-                  ", ".join(ignored))
-    separate_qkv = any(k.endswith(".attn.q_proj.weight") for k in state_dict)
-    renames = _BAAI_RENAMES + (_BAAI_BIAS_RENAMES if separate_qkv else ())
-    canonical: dict[str, np.ndarray] = {}
-    for key, value in state_dict.items():
-        if key in skip:
-            continue
-        for pattern, replacement in renames:
-            key = pattern.sub(replacement, key)
-        if key.startswith("norm.") and "fc_norm.weight" not in state_dict:
-            key = "fc_norm." + key[len("norm."):]
-        if key in canonical:
-            raise ValueError(f"{source}: two tensors map to {key!r} (timm and BAAI names mixed?)")
-        canonical[key] = np.asarray(value)
-
-    depth = 1 + max((int(m.group(1)) for k in canonical if (m := _BLOCK_RE.match(k))), default=-1)
-    expected_names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    expected_names += [f"blocks.{i}.{name}" for i in range(depth) for name in _BLOCK_KEYS]
-    if final_norm:
-        expected_names += ["fc_norm.weight", "fc_norm.bias"]
-    # Names only here; shapes are checked against the model by `assign`.
-    check_keys(source=source, expected={k: np.shape(canonical.get(k)) for k in expected_names},
-               found={k: np.shape(v) for k, v in canonical.items()}, what="source tensors")
-
-    patch_weight = canonical["patch_embed.proj.weight"]
-    pos_embed = canonical["pos_embed"]
-    if img_size is not None:
-        size = _pair(img_size)
-        patch = patch_weight.shape[-2:]
-        if size[0] % patch[0] or size[1] % patch[1]:
-            raise ValueError(f"img_size {size} is not a multiple of the checkpoint's patch {patch}")
-        pos_embed = resample_pos_embed(pos_embed, (size[0] // patch[0], size[1] // patch[1]))
-    out = {
-        "cls_token": canonical["cls_token"],
-        "pos_embed": pos_embed,
-        "patch_embed/kernel": patch_weight.transpose(2, 3, 1, 0),
-        "patch_embed/bias": canonical["patch_embed.proj.bias"],
-    }
-    for i in range(depth):
-        for name, (path, is_linear) in _BLOCK_KEYS.items():
-            value = canonical[f"blocks.{i}.{name}"]
-            out[f"blocks/{i}/{path}"] = value.T if is_linear else value
-    if final_norm:
-        out["final_norm/scale"] = canonical["fc_norm.weight"]
-        out["final_norm/bias"] = canonical["fc_norm.bias"]
-    return out
+    resample = Transform(f"resample to grid {model.grid}",
+                         functools.partial(resample_pos_embed, grid=model.grid))
+    drop = list(_DROPPED) + (list(_MIM_DROPPED) if "mask_token" in state_dict else [])
+    rules = [
+        Rule("cls_token", "cls_token"), Rule("pos_embed", "pos_embed", resample),
+        Rule("patch_embed.proj.weight", "patch_embed/kernel", CONV),
+        Rule("patch_embed.proj.bias", "patch_embed/bias"),
+    ]
+    block_rules = _BLOCK_RULES + _BAAI_BLOCK_RULES
+    if any(k.endswith(".attn.q_proj.weight") for k in state_dict):
+        block_rules += _BAAI_BIAS_RULES
+    rules += [Rule(f"blocks.{{i}}.{name}", f"blocks/{{i}}/{path}", transform)
+              for name, path, transform in block_rules]
+    for name in _FINAL_NORM_NAMES:
+        if model.final_norm is None:
+            drop.append(f"{name}.*")
+        else:
+            rules += [Rule(f"{name}.weight", "final_norm/scale"),
+                      Rule(f"{name}.bias", "final_norm/bias")]
+    return rules, drop
 
 
-def load(state_dict: Mapping[str, np.ndarray], model: Eva02, *,
-         source: str = "EVA02 state dict") -> Eva02:
-    """Converts ``state_dict`` for ``model`` (its img_size and final norm) and assigns it strictly."""
-    params = convert_state_dict(state_dict, img_size=model.img_size,
-                                final_norm=model.final_norm is not None, source=source)
-    return assign(model, params, source=source)
+def load(module: Eva02, state_dict: Mapping[str, np.ndarray], *, source: str) -> Eva02:
+    """Fills ``module`` (in place, strictly) from a timm or BAAI EVA02 state dict; returns it.
+
+    Dropped tensors (classifier head, RoPE buffers, MIM head) are logged. A mismatch names
+    ``source``, the file's keys and, when width or depth differ, what the file looks like.
+    """
+    expected = param_shapes(module)
+    if module.scan_layers:  # stacked [depth, ...] blocks: convert per layer, then stack
+        expected = {path: shape for key, stacked in expected.items()
+                    for path, shape in ([(key, stacked)] if not key.startswith("blocks/") else
+                                        [(f"blocks/{i}/{key[len('blocks/'):]}", stacked[1:])
+                                         for i in range(stacked[0])])}
+    rules, drop = key_rules(module, state_dict)
+    params, dropped = apply_key_map(state_dict, rules, source=source, expected=expected,
+                                    drop=drop, hint=_variant_hint(module, state_dict))
+    if dropped:
+        _log.info("%s: ignored %d tensors not used by Eva02: %s", source, len(dropped),
+                  ", ".join(sorted(dropped)))
+    if module.scan_layers:
+        params = stack_block_params(params)
+    return assign(module, params, source=source)
+
+
+def _size(embed_dim: int, depth: int) -> str:
+    size = f"embed_dim {embed_dim}, depth {depth}"
+    name = _RELEASED.get((embed_dim, depth))
+    return f"EVA02-{name} ({size})" if name else f"an EVA02 of {size}"
+
+
+def _variant_hint(module: Eva02, state_dict: Mapping[str, np.ndarray]) -> str | None:
+    """What the file looks like (e.g. EVA02-B) when its width or depth differs from the model's."""
+    if "cls_token" not in state_dict:
+        return None
+    block = re.compile(r"blocks\.(\d+)\.")
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := block.match(k))), default=-1)
+    file_size = _size(np.shape(state_dict["cls_token"])[-1], depth)
+    model_size = _size(module.cls_token.get_value().shape[-1], len(module.drop_path_rates))
+    if file_size == model_size:
+        return None
+    return f"this looks like {file_size}; the model is {model_size}"

@@ -68,7 +68,7 @@ def _overlay(scene: np.ndarray, mask: np.ndarray, box: tuple[float, ...]) -> Ima
 def run(out: Path, sam_variant: str, sam_checkpoint: str | None, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if sam_checkpoint:
-        model = sam.load_sam(sam_checkpoint, variant=sam_variant)
+        model = sam.load_sam(sam_checkpoint, config=sam_config.get_config(sam_variant).model)
     else:
         model = sam.Sam.from_config(sam_config.get_config(sam_variant).model, rngs=nnx.Rngs(seed))
     size = model.image_encoder.img_size

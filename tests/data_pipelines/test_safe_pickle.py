@@ -1,4 +1,5 @@
-"""Tests for data_pipelines/safe_pickle.py: Python 2 data pickles load, code never runs."""
+"""Refer-toolkit pickles through pixelllm/checkpoints/restricted_pickle.py: Python 2 data pickles
+load, code never runs."""
 
 import io
 import os
@@ -7,8 +8,8 @@ import struct
 
 import pytest
 
-from data_pipelines.safe_pickle import (
-    DataOnlyUnpickler, PickleTextError, UnsafePickleError, load_data_pickle)
+from pixelllm.checkpoints.restricted_pickle import (
+    PickleTextError, RestrictedUnpickler, UnsafePickleError, load_data_pickle)
 
 
 def _py2_pickle(value, *, protocol: int) -> bytes:
@@ -207,7 +208,7 @@ def test_find_class_refuses_every_global_on_its_own(tmp_path, protocol):
     marker = tmp_path / "marker"
     payload = _malicious_pickle(marker, protocol)
     with pytest.raises(UnsafePickleError) as raised:
-        DataOnlyUnpickler(io.BytesIO(payload), name="refs(umd).p").load()
+        RestrictedUnpickler(io.BytesIO(payload), name="refs(umd).p").load()
     assert "refs(umd).p" in str(raised.value)
     assert f"global {os.system.__module__}.system" in str(raised.value)
     assert not marker.exists()

@@ -17,7 +17,7 @@ from timm.models.eva import Eva, checkpoint_filter_fn
 from configs import eva02 as eva02_config
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
-from pixelllm.encoders.eva02 import Eva02, convert_state_dict, load, rope_table
+from pixelllm.encoders.eva02 import Eva02, load, rope_table
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4 * 2 / 3)
 
@@ -63,7 +63,7 @@ def test_eva02_parity_with_timm(caplog):
     reference = timm_eva()
     model = ours()
     with caplog.at_level(logging.INFO, logger="pixelllm.encoders.eva02"):
-        load(numpy_state(reference), model)
+        load(model, numpy_state(reference), source="timm")
     assert "head.bias, head.weight" in caplog.text
 
     x = images()
@@ -96,15 +96,18 @@ def test_eva02_parity_with_timm_resampled_pos_embed():
     reference.load_state_dict(filtered)
     assert tuple(reference.pos_embed.shape) == (1, 37, 64)
 
-    converted = convert_state_dict(state, img_size=48)
-    np.testing.assert_allclose(converted["pos_embed"], filtered["pos_embed"].numpy(), atol=1e-5)
-
     model = ours(img_size=48)
-    load(state, model)
+    load(model, state, source="timm")
+    np.testing.assert_allclose(model.pos_embed[...], filtered["pos_embed"].numpy(), atol=1e-5)
     x = images(size=48)
     with torch.no_grad():
         expected = reference.forward_features(torch.from_numpy(x)).numpy()
     assert np.abs(np.asarray(forward_tokens(model, nhwc(x))) - expected).max() <= 1e-4
+
+
+def params(model):
+    return {"/".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def to_baai(state):
@@ -122,7 +125,7 @@ def to_baai(state):
 
 def test_eva02_baai_names_convert_like_timm(caplog):
     state = numpy_state(timm_eva())
-    expected = convert_state_dict(state)
+    expected = params(load(ours(), state, source="timm"))
 
     finetuned = to_baai(state)
     finetuned["rope.freqs_cos"] = np.zeros((16, 16), np.float32)
@@ -139,7 +142,7 @@ def test_eva02_baai_names_convert_like_timm(caplog):
 
     for variant in (finetuned, mim):
         with caplog.at_level(logging.INFO, logger="pixelllm.encoders.eva02"):
-            got = convert_state_dict(variant)
+            got = params(load(ours(), variant, source="baai"))
         assert got.keys() == expected.keys()
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
@@ -165,7 +168,7 @@ def test_eva02_param_count_matches_timm(variant, timm_name, count):
 
 def test_eva02_drop_path_train_and_eval():
     # The drop-path RNG stream is model state that a checkpoint does not hold.
-    model = load(numpy_state(timm_eva()), ours(drop_path_rate=0.5))
+    model = load(ours(drop_path_rate=0.5), numpy_state(timm_eva()), source="timm")
     # Identical examples: a per-example mask makes them differ from each other in train mode.
     x = nhwc(np.repeat(images(batch=1), 8, axis=0))
 
@@ -193,7 +196,7 @@ def test_eva02_converter_names_wrong_variant_keys():
     # timm's eva02_small layout: fused qkv and a packed SwiGLU without sub-LN.
     fused = numpy_state(timm_eva(qkv_fused=True, scale_mlp=False))
     with pytest.raises(CheckpointMismatchError) as info:
-        convert_state_dict(fused)
+        load(ours(), fused, source="fused.pth")
     message = str(info.value)
     for key in ("blocks.0.attn.qkv.weight", "blocks.0.attn.q_bias", "blocks.0.mlp.fc1.weight",
                 "blocks.0.attn.q_proj.weight", "blocks.0.mlp.norm.weight"):
@@ -202,28 +205,39 @@ def test_eva02_converter_names_wrong_variant_keys():
     state = numpy_state(timm_eva())
     broken = dict(state, **{"foo.bar": np.zeros(3, np.float32)})
     del broken["blocks.1.attn.k_proj.weight"]
-    with pytest.raises(CheckpointMismatchError, match=r"missing source tensors: "
+    with pytest.raises(CheckpointMismatchError, match=r"broken.pth: .*\n.*missing keys: "
                                                       r"blocks\.1\.attn\.k_proj\.weight") as info:
-        convert_state_dict(broken)
-    assert "unexpected source tensors: foo.bar" in str(info.value)
+        load(ours(), broken, source="broken.pth")
+    assert "unexpected keys: foo.bar" in str(info.value)
 
     deeper = numpy_state(timm_eva(depth=3))
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected parameters: blocks/2/"):
-        load(deeper, ours())
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"deeper.pth: .*this looks like an EVA02 of embed_dim 64, depth 3; "
+                             r"the model is an EVA02 of embed_dim 64, depth 2\n.*unexpected keys: "
+                             r"blocks\.2\."):
+        load(ours(), deeper, source="deeper.pth")
     wider = numpy_state(timm_eva(embed_dim=96, num_heads=6))
-    with pytest.raises(CheckpointMismatchError, match=r"blocks/0/attn/q/kernel \(checkpoint \(96, 96\), "
-                                                      r"model \(64, 64\)\)"):
-        load(wider, ours())
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"blocks\.0\.attn\.q_proj\.weight \(file \(96, 96\), after transpose "
+                             r"\(96, 96\); model blocks/0/attn/q/kernel \(64, 64\)\)"):
+        load(ours(), wider, source="wider.pth")
+    # Only what the message reads: the width of cls_token and the number of blocks.
+    base = {"cls_token": np.zeros((1, 1, 768), np.float32)} | {
+        f"blocks.{i}.norm1.weight": np.zeros(768, np.float32) for i in range(12)}
+    with pytest.raises(CheckpointMismatchError, match=r"base.pth: .*this looks like EVA02-B "
+                                                      r"\(embed_dim 768, depth 12\); the model is"):
+        load(ours(), base, source="base.pth")
 
 
 def test_eva02_sharded_matches_single_device():
     assert len(jax.devices()) == 8
     state = numpy_state(timm_eva())
     x = nhwc(images(batch=4))
-    expected = np.asarray(forward(load(state, ours()), x))
+    expected = np.asarray(forward(load(ours(), state, source="timm"), x))
 
     mesh = sharding.make_mesh((2, 2, 2))
-    model = sharding.shard_model(load(state, ours(mesh=mesh)), mesh, sharding.DEFAULT_RULES)
+    model = sharding.shard_model(load(ours(mesh=mesh), state, source="timm"), mesh,
+                                 sharding.DEFAULT_RULES)
     assert model.blocks[0].attn.q.kernel[...].sharding.spec == PartitionSpec("fsdp", "tensor")
     assert model.blocks[0].mlp.fc2.kernel[...].sharding.spec == PartitionSpec("tensor", "fsdp")
     x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
@@ -233,3 +247,21 @@ def test_eva02_sharded_matches_single_device():
     assert got.shape == (4, 4, 4, 64)
     assert got.sharding.spec[0] == ("data", "fsdp")
     assert np.abs(np.asarray(got) - expected).max() <= 1e-5
+
+
+def test_eva02_loads_at_a_canvas_not_a_multiple_of_the_patch():
+    """The paper's canvas (384 with patch 14) floors to a 27x27 grid; a checkpoint loads there
+    and the model equals timm at the floored size (the last pixels are never seen): here 44
+    pixels with patch 8 -> a 5x5 grid, the timm reference built at 40."""
+    state = numpy_state(timm_eva(img_size=32))
+    model = ours(img_size=44)
+    load(model, state, source="timm")
+    reference = timm_eva(img_size=40)
+    reference.load_state_dict(checkpoint_filter_fn(
+        {k: torch.from_numpy(v) for k, v in state.items()}, reference))
+    x = images(size=44)
+    with torch.no_grad():
+        expected = reference.forward_features(torch.from_numpy(x[:, :, :40, :40])).numpy()
+    got = np.asarray(forward_tokens(model, nhwc(x)))
+    assert got.shape == (2, 1 + 5 * 5, 64)
+    assert np.abs(got - expected).max() <= 1e-4

@@ -24,16 +24,16 @@ Images are NHWC, already normalized with SAM's pixel mean/std (done by the calle
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.checkpoints.assign import check_keys
+from pixelllm.checkpoints.key_map import CONV, TRANSPOSE, Rule
 from pixelllm.nn import layers
+from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.resize import resize_2d, resize_axis
 
 # segment_anything's LayerNorm2d and HF's SamLayerNorm fix the neck's eps, whatever the blocks use.
@@ -123,13 +123,24 @@ class Mlp(nnx.Module):
         return self.lin2(layers.gelu(self.lin1(x)))
 
 
+def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Stochastic depth of a residual branch ``x [B, ...]``: one keep/drop draw per example, kept
+    values rescaled by ``1 / (1 - rate)``; the identity without ``rngs`` (evaluation)."""
+    if rngs is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class EncoderBlock(nnx.Module):
-    """Pre-norm block; ``window_size`` 0 means global attention."""
+    """Pre-norm block; ``window_size`` 0 means global attention; ``drop_path`` the stochastic
+    depth rate of both residual branches (training only)."""
 
     def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, window_size: int,
                  rel_pos_size: int, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 drop_path: float = 0.0, rngs: nnx.Rngs):
         self.window_size = window_size
+        self.drop_path = drop_path
         self.norm1 = layers.layer_norm(dim, eps=eps, dtype=dtype, param_dtype=param_dtype,
                                        rngs=rngs)
         self.attn = RelPosAttention(dim=dim, num_heads=num_heads, rel_pos_size=rel_pos_size,
@@ -139,8 +150,8 @@ class EncoderBlock(nnx.Module):
         self.mlp = Mlp(dim=dim, mlp_dim=mlp_dim, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x: [B, H, W, dim]`` -> ``[B, H, W, dim]``."""
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x: [B, H, W, dim]`` -> ``[B, H, W, dim]``; ``rngs`` enables drop path."""
         y = self.norm1(x)
         if self.window_size:
             height, width = y.shape[1:3]
@@ -148,8 +159,8 @@ class EncoderBlock(nnx.Module):
             y = _window_unpartition(self.attn(y), self.window_size, height, width)
         else:
             y = self.attn(y)
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(y, self.drop_path, rngs)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, rngs)
 
 
 class Neck(nnx.Module):
@@ -174,9 +185,14 @@ class SamImageEncoder(nnx.Module):
     ``g = img_size // patch_size``.
 
     Constructor fields are those of ``configs/sam.py`` ``model.image_encoder``. Parameter shapes
-    depend on ``pretrain_img_size``, not ``img_size`` (see the module docstring).
+    depend on ``pretrain_img_size``, not ``img_size`` (see the module docstring). ``dtype`` is the
+    compute dtype (LayerNorm statistics and the attention softmax stay float32), ``param_dtype``
+    the storage dtype; ``remat`` the blocks' rematerialization policy (:mod:`pixelllm.nn.remat`).
+    ``drop_path_rate``: stochastic depth of the last block, rising linearly from 0 at the first
+    (scenic's SAM); active only when ``rngs`` is passed to the call. PixelLLM's official recipe
+    runs the frozen SAM with 0.5 in training.
 
-    Parameters (paths as used by :func:`convert_state_dict`):
+    Parameters (paths as used by :func:`key_rules`):
       ``patch_embed/kernel``: ``[patch, patch, 3, embed_dim]``
       ``pos_embed``: ``[1, G, G, embed_dim]``, ``G = pretrain_img_size // patch_size``
       ``blocks/{i}/{norm1,norm2}``, ``blocks/{i}/attn/{qkv,proj}``,
@@ -187,12 +203,15 @@ class SamImageEncoder(nnx.Module):
     def __init__(self, *, img_size: int, pretrain_img_size: int, patch_size: int, embed_dim: int,
                  depth: int, num_heads: int, mlp_ratio: float, out_chans: int, window_size: int,
                  global_attn_indexes: Sequence[int], layer_norm_eps: float,
-                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+                 drop_path_rate: float = 0.0, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32,
+                 remat: str = "none", rngs: nnx.Rngs):
         for name, size in (("img_size", img_size), ("pretrain_img_size", pretrain_img_size)):
             if size <= 0 or size % patch_size:
                 raise ValueError(f"{name}={size} must be a positive multiple of "
                                  f"patch_size={patch_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={drop_path_rate} must be in [0, 1)")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         bad = sorted(set(global_attn_indexes) - set(range(depth)))
@@ -200,6 +219,7 @@ class SamImageEncoder(nnx.Module):
             raise ValueError(f"global_attn_indexes {bad} out of range for depth={depth}")
         self.img_size = img_size
         self.dtype = dtype
+        self.remat = remat_lib.check_remat(remat)
         pretrain_grid = pretrain_img_size // patch_size
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = layers.conv(3, embed_dim, (patch_size, patch_size),
@@ -213,12 +233,13 @@ class SamImageEncoder(nnx.Module):
             blocks.append(EncoderBlock(
                 dim=embed_dim, num_heads=num_heads, mlp_dim=int(embed_dim * mlp_ratio),
                 window_size=window, rel_pos_size=window or pretrain_grid, eps=layer_norm_eps,
-                **common))
+                drop_path=drop_path_rate * i / max(depth - 1, 1), **common))
         self.blocks = nnx.List(blocks)
         self.neck = Neck(in_chans=embed_dim, out_chans=out_chans, **common)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """``images: [B, img_size, img_size, 3]`` normalized -> ``[B, g, g, out_chans]``."""
+    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``images: [B, img_size, img_size, 3]`` normalized -> ``[B, g, g, out_chans]``;
+        ``rngs`` (training) enables drop path."""
         shape = tuple(np.shape(images))
         expected = f"[B, {self.img_size}, {self.img_size}, 3] (NHWC, normalized)"
         if len(shape) != 4:
@@ -234,21 +255,12 @@ class SamImageEncoder(nnx.Module):
         x = self.patch_embed(jnp.asarray(images, self.dtype))
         pos_embed = resize_2d(self.pos_embed[...], x.shape[1:3], mode="cubic")
         x = x + pos_embed.astype(self.dtype)
+        # Windowed and global blocks differ in shapes (relative-position tables, attention
+        # extent), so they run one by one rather than under nnx.scan.
+        run_block = remat_lib.remat(lambda block, x, rngs: block(x, rngs), self.remat)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, rngs)
         return self.neck(x)
-
-
-def _linear(w: np.ndarray) -> np.ndarray:
-    return np.transpose(w)
-
-
-def _conv(w: np.ndarray) -> np.ndarray:
-    return np.transpose(w, (2, 3, 1, 0))
-
-
-def _same(w: np.ndarray) -> np.ndarray:
-    return np.asarray(w)
 
 
 # Source-name pieces per layout: block list, patch conv, block norms, neck modules.
@@ -261,57 +273,38 @@ _LAYOUTS = {
 }
 
 
-def _key_map(layout: str, depth: int) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    """``{source key: (model path, layout transform)}`` for a ``depth``-block encoder."""
-    names = _LAYOUTS[layout]
-    conv1, norm1, conv2, norm2 = names["neck"]
-    keys = {
-        f"{names['patch']}.weight": ("patch_embed/kernel", _conv),
-        f"{names['patch']}.bias": ("patch_embed/bias", _same),
-        "pos_embed": ("pos_embed", _same),
-        f"{conv1}.weight": ("neck/conv1/kernel", _conv),
-        f"{norm1}.weight": ("neck/norm1/scale", _same),
-        f"{norm1}.bias": ("neck/norm1/bias", _same),
-        f"{conv2}.weight": ("neck/conv2/kernel", _conv),
-        f"{norm2}.weight": ("neck/norm2/scale", _same),
-        f"{norm2}.bias": ("neck/norm2/bias", _same),
-    }
-    for i in range(depth):
-        src, dst = f"{names['blocks']}.{i}.", f"blocks/{i}/"
-        for src_norm, dst_norm in zip(names["norms"], ("norm1", "norm2")):
-            keys[f"{src}{src_norm}.weight"] = (f"{dst}{dst_norm}/scale", _same)
-            keys[f"{src}{src_norm}.bias"] = (f"{dst}{dst_norm}/bias", _same)
-        for module in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2"):
-            path = dst + module.replace(".", "/")
-            keys[f"{src}{module}.weight"] = (f"{path}/kernel", _linear)
-            keys[f"{src}{module}.bias"] = (f"{path}/bias", _same)
-        for table in ("rel_pos_h", "rel_pos_w"):
-            keys[f"{src}attn.{table}"] = (f"{dst}attn/{table}", _same)
-    return keys
+def key_rules(layout: str) -> list[Rule]:
+    """The key map of a :class:`SamImageEncoder` (torch names, ``image_encoder.`` or
+    ``vision_encoder.`` stripped), for :mod:`pixelllm.checkpoints.key_map`.
 
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *,
-                       layout: str) -> dict[str, np.ndarray]:
-    """Image-encoder weights (torch names and layouts, prefix stripped) -> ``{path: array}`` for
-    :func:`pixelllm.checkpoints.assign.assign` on a :class:`SamImageEncoder`.
-
-    ``layout``: ``"segment_anything"`` (keys ``blocks.0.attn.qkv.weight``, ``neck.0.weight``, ...;
-    strip ``image_encoder.``) or ``"transformers"`` (HF ``SamVisionEncoder``: ``layers.0.
-    layer_norm1.weight``, ``patch_embed.projection.weight``, ``neck.conv1.weight``, ...; strip
-    ``vision_encoder.``).
-
-    The depth is read from the block indices; any unknown key, and any key missing from the
-    blocks ``0..depth-1`` or the stem and neck, raises ``CheckpointMismatchError`` naming it.
-    Shapes (width, depth, input size of another variant) are checked by ``assign``.
+    ``layout``: ``"segment_anything"`` (``blocks.0.attn.qkv.weight``, ``neck.0.weight``, ...) or
+    ``"transformers"`` (HF ``SamVisionEncoder``: ``layers.0.layer_norm1.weight``,
+    ``patch_embed.projection.weight``, ``neck.conv1.weight``, ...).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"unknown SAM image encoder layout {layout!r}; "
                          f"choose one of {sorted(_LAYOUTS)}")
-    block_key = re.compile(rf"{re.escape(_LAYOUTS[layout]['blocks'])}\.(\d+)\.")
-    indices = [int(m.group(1)) for m in map(block_key.match, state_dict) if m]
-    keys = _key_map(layout, max(indices, default=-1) + 1)
-    found = {k: np.shape(v) for k, v in state_dict.items()}
-    # Names only here: the expected shape of a present key is its own.
-    check_keys(source=f"SAM image encoder ({layout} layout)",
-               expected={k: found.get(k, ()) for k in keys}, found=found)
-    return {path: transform(state_dict[key]) for key, (path, transform) in keys.items()}
+    names = _LAYOUTS[layout]
+    conv1, norm1, conv2, norm2 = names["neck"]
+    rules = [
+        Rule(f"{names['patch']}.weight", "patch_embed/kernel", CONV),
+        Rule(f"{names['patch']}.bias", "patch_embed/bias"),
+        Rule("pos_embed", "pos_embed"),
+        Rule(f"{conv1}.weight", "neck/conv1/kernel", CONV),
+        Rule(f"{norm1}.weight", "neck/norm1/scale"),
+        Rule(f"{norm1}.bias", "neck/norm1/bias"),
+        Rule(f"{conv2}.weight", "neck/conv2/kernel", CONV),
+        Rule(f"{norm2}.weight", "neck/norm2/scale"),
+        Rule(f"{norm2}.bias", "neck/norm2/bias"),
+    ]
+    src, dst = f"{names['blocks']}.{{i}}.", "blocks/{i}/"
+    for src_norm, dst_norm in zip(names["norms"], ("norm1", "norm2")):
+        rules += [Rule(f"{src}{src_norm}.weight", f"{dst}{dst_norm}/scale"),
+                  Rule(f"{src}{src_norm}.bias", f"{dst}{dst_norm}/bias")]
+    for module in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2"):
+        path = dst + module.replace(".", "/")
+        rules += [Rule(f"{src}{module}.weight", f"{path}/kernel", TRANSPOSE),
+                  Rule(f"{src}{module}.bias", f"{path}/bias")]
+    rules += [Rule(f"{src}attn.{table}", f"{dst}attn/{table}")
+              for table in ("rel_pos_h", "rel_pos_w")]
+    return rules

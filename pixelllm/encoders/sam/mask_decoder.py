@@ -16,15 +16,14 @@ both releases.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.encoders.sam.two_way_transformer import (
-    LAYOUTS, KeyMap, TwoWayTransformer, apply_key_map, count_indices, key_map)
+from pixelllm.checkpoints.key_map import TRANSPOSE, VECTOR, Rule, Transform, prefixed
+from pixelllm.encoders.sam.two_way_transformer import LAYOUTS, TwoWayTransformer
+from pixelllm.encoders.sam.two_way_transformer import key_rules as two_way_key_rules
 from pixelllm.nn.layers import gelu, layer_norm, linear, param
 
 
@@ -130,7 +129,7 @@ class SamMaskDecoder(nnx.Module):
           multimask_output: static; True -> M masks, False -> 1.
 
         Returns:
-          ``masks [B, M or 1, 4h, 4w]`` logits and ``iou_pred [B, M or 1]``.
+          ``masks [B, M or 1, 4h, 4w]`` logits and ``iou_pred [B, M or 1]``, float32.
         """
         sparse = jnp.asarray(sparse_prompt_embeddings, self.dtype)
         dense = jnp.asarray(dense_prompt_embeddings, self.dtype)
@@ -161,8 +160,11 @@ class SamMaskDecoder(nnx.Module):
         upscaled = gelu(self.upscale_conv2(upscaled))  # [B, 4h, 4w, C/8]
         hyper_in = jnp.stack([mlp(mask_tokens_out[:, i])
                               for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, upscaled)
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        # Mask logits and IoUs leave in float32 whatever the compute dtype: losses and
+        # thresholds read them.
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(jnp.float32),
+                           upscaled.astype(jnp.float32))
+        iou_pred = self.iou_prediction_head(iou_token_out).astype(jnp.float32)
 
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
@@ -170,65 +172,46 @@ class SamMaskDecoder(nnx.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _same(w: np.ndarray) -> np.ndarray:
-    return w
+_CONV_TRANSPOSE = Transform("conv_transpose", conv_transpose_kernel_from_torch)
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
-def _vector(w: np.ndarray) -> np.ndarray:  # nn.Embedding(1, C).weight [1, C] -> [C]
-    return w.reshape(-1)
-
-
-def _mlp_keys(source: str, target: str, num_layers: int, layout: str) -> KeyMap:
+def _mlp_rules(source: str, target: str, num_layers: int, layout: str) -> list[Rule]:
     if layout == "segment_anything":
         names = [f"layers.{i}" for i in range(num_layers)]
     else:
         names = ["proj_in"] + [f"layers.{i}" for i in range(num_layers - 2)] + ["proj_out"]
-    keys: KeyMap = {}
-    for i, name in enumerate(names):
-        keys[f"{source}.{name}.weight"] = (f"{target}/layers/{i}/kernel", _linear)
-        keys[f"{source}.{name}.bias"] = (f"{target}/layers/{i}/bias", _same)
-    return keys
+    return [rule for i, name in enumerate(names)
+            for rule in (Rule(f"{source}.{name}.weight", f"{target}/layers/{i}/kernel", TRANSPOSE),
+                         Rule(f"{source}.{name}.bias", f"{target}/layers/{i}/bias"))]
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, layout: str,
-                       source: str = "SAM mask decoder state dict") -> dict[str, np.ndarray]:
-    """Torch mask-decoder weights (``mask_decoder.`` stripped) -> ``{"nnx/path": array}``.
+def key_rules(layout: str, *, iou_head_depth: int) -> list[Rule]:
+    """The key map of a :class:`SamMaskDecoder` (``mask_decoder.`` stripped) for
+    :mod:`pixelllm.checkpoints.key_map`.
 
     ``layout="segment_anything"``: ``transformer.layers.0.norm1.weight``,
     ``output_upscaling.0.weight``, ``output_hypernetworks_mlps.0.layers.0.weight``,
     ``iou_prediction_head.layers.2.bias``, ...; ``layout="transformers"``: HF names
     (``transformer.layers.0.layer_norm1``, ``upscale_conv1``, ``upscale_layer_norm``,
-    ``...mlps.0.proj_in``, ``iou_prediction_head.proj_out``, ...).
-
-    Transformer depth, number of mask tokens and IoU-head depth are read from the keys; missing
-    or unknown keys raise ``CheckpointMismatchError`` naming them, and ``assign`` then checks
-    every shape against the model.
+    ``...mlps.0.proj_in``, ``iou_prediction_head.proj_out``, ...). HF numbers the IoU head's
+    middle layers from 0 after ``proj_in``, hence ``iou_head_depth``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
-    sam = layout == "segment_anything"
-    upscale = (("output_upscaling.0", "output_upscaling.1", "output_upscaling.3") if sam
+    upscale = (("output_upscaling.0", "output_upscaling.1", "output_upscaling.3")
+               if layout == "segment_anything"
                else ("upscale_conv1", "upscale_layer_norm", "upscale_conv2"))
-    iou_head_depth = count_indices(state_dict, "iou_prediction_head.layers.") + (0 if sam else 2)
-
-    keys = key_map(count_indices(state_dict, "transformer.layers."), layout=layout,
-                   prefix="transformer.", target_prefix="transformer/")
-    keys |= {
-        "iou_token.weight": ("iou_token", _vector),
-        "mask_tokens.weight": ("mask_tokens", _same),
-        f"{upscale[0]}.weight": ("upscale_conv1/kernel", conv_transpose_kernel_from_torch),
-        f"{upscale[0]}.bias": ("upscale_conv1/bias", _same),
-        f"{upscale[1]}.weight": ("upscale_norm/scale", _same),
-        f"{upscale[1]}.bias": ("upscale_norm/bias", _same),
-        f"{upscale[2]}.weight": ("upscale_conv2/kernel", conv_transpose_kernel_from_torch),
-        f"{upscale[2]}.bias": ("upscale_conv2/bias", _same),
-    }
-    for i in range(count_indices(state_dict, "output_hypernetworks_mlps.")):
-        keys |= _mlp_keys(f"output_hypernetworks_mlps.{i}", f"output_hypernetworks_mlps/{i}",
-                          3, layout)
-    keys |= _mlp_keys("iou_prediction_head", "iou_prediction_head", iou_head_depth, layout)
-    return apply_key_map(state_dict, keys, source=source)
+    rules = prefixed(two_way_key_rules(layout), source="transformer.", target="transformer/")
+    rules += [
+        Rule("iou_token.weight", "iou_token", VECTOR),
+        Rule("mask_tokens.weight", "mask_tokens"),
+        Rule(f"{upscale[0]}.weight", "upscale_conv1/kernel", _CONV_TRANSPOSE),
+        Rule(f"{upscale[0]}.bias", "upscale_conv1/bias"),
+        Rule(f"{upscale[1]}.weight", "upscale_norm/scale"),
+        Rule(f"{upscale[1]}.bias", "upscale_norm/bias"),
+        Rule(f"{upscale[2]}.weight", "upscale_conv2/kernel", _CONV_TRANSPOSE),
+        Rule(f"{upscale[2]}.bias", "upscale_conv2/bias"),
+    ]
+    rules += _mlp_rules("output_hypernetworks_mlps.{m}", "output_hypernetworks_mlps/{m}", 3, layout)
+    rules += _mlp_rules("iou_prediction_head", "iou_prediction_head", iou_head_depth, layout)
+    return rules

@@ -22,16 +22,13 @@ with a box ``[B, 4]``, ``N' = N + 2`` (or 2 for a box alone).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.checkpoints.assign import CheckpointMismatchError
-from pixelllm.encoders.sam.two_way_transformer import (
-    LAYOUTS, KeyMap, apply_key_map)
+from pixelllm.checkpoints.key_map import CONV, VECTOR, Rule
+from pixelllm.encoders.sam.two_way_transformer import LAYOUTS
 from pixelllm.nn.layers import conv, gelu, layer_norm, param
 
 
@@ -220,69 +217,45 @@ class SamPromptEncoder(nnx.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-_SHARED_IMAGE_EMBEDDING = "shared_image_embedding.positional_embedding"
+# HF ties the prompt encoder's Fourier matrix to SamModel's top-level copy; save_pretrained may keep
+# only that one. Whoever loads a whole HF SamModel adds this rule (a tied second source).
+HF_SHARED_EMBEDDING_RULE = Rule("shared_image_embedding.positional_embedding",
+                                "pe_layer/positional_encoding_gaussian_matrix")
 
 
-def _key_map(layout: str) -> KeyMap:
-    def same(w):
-        return w
+def key_rules(layout: str) -> list[Rule]:
+    """The key map of a :class:`SamPromptEncoder` for :mod:`pixelllm.checkpoints.key_map`.
 
-    def vector(w):  # nn.Embedding(1, C).weight [1, C] -> [C]
-        return w.reshape(-1)
-
-    def conv_kernel(w):  # torch (out, in, kh, kw) -> (kh, kw, in, out)
-        return w.transpose(2, 3, 1, 0)
-
+    ``layout="segment_anything"``: keys with ``prompt_encoder.`` stripped
+    (``pe_layer.positional_encoding_gaussian_matrix``, ``point_embeddings.0.weight``,
+    ``mask_downscaling.0.weight``, ...). ``layout="transformers"``: HF keys with
+    ``prompt_encoder.`` stripped (``shared_embedding.positional_embedding``,
+    ``point_embed.0.weight``, ``mask_embed.conv1.weight``, ...); see ``HF_SHARED_EMBEDDING_RULE``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "segment_anything":
         gaussian = "pe_layer.positional_encoding_gaussian_matrix"
-        point = "point_embeddings.{}.weight"
+        point = "point_embeddings.{i}.weight"
         mask = dict(conv1="mask_downscaling.0", norm1="mask_downscaling.1",
                     conv2="mask_downscaling.3", norm2="mask_downscaling.4",
                     conv3="mask_downscaling.6")
     else:
         gaussian = "shared_embedding.positional_embedding"
-        point = "point_embed.{}.weight"
+        point = "point_embed.{i}.weight"
         mask = {name: f"mask_embed.{name.replace('norm', 'layer_norm')}"
                 for name in ("conv1", "norm1", "conv2", "norm2", "conv3")}
-    keys: KeyMap = {
-        gaussian: ("pe_layer/positional_encoding_gaussian_matrix", same),
-        "not_a_point_embed.weight": ("not_a_point_embed", vector),
-        "no_mask_embed.weight": ("no_mask_embed", vector),
-    }
-    keys |= {point.format(i): (f"point_embeddings/{i}", vector) for i in range(4)}
+    rules = [
+        Rule(gaussian, "pe_layer/positional_encoding_gaussian_matrix"),
+        Rule("not_a_point_embed.weight", "not_a_point_embed", VECTOR),
+        Rule("no_mask_embed.weight", "no_mask_embed", VECTOR),
+        Rule(point, "point_embeddings/{i}", VECTOR),
+    ]
     for name, source in mask.items():
         target = f"mask_downscaling/{name}"
         if name.startswith("conv"):
-            keys[f"{source}.weight"] = (f"{target}/kernel", conv_kernel)
+            rules.append(Rule(f"{source}.weight", f"{target}/kernel", CONV))
         else:
-            keys[f"{source}.weight"] = (f"{target}/scale", same)
-        keys[f"{source}.bias"] = (f"{target}/bias", same)
-    return keys
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, layout: str,
-                       source: str = "SAM prompt encoder state dict") -> dict[str, np.ndarray]:
-    """Torch prompt-encoder weights -> ``{"nnx/path": array}`` for ``assign``.
-
-    ``layout="segment_anything"``: keys with ``prompt_encoder.`` stripped
-    (``pe_layer.positional_encoding_gaussian_matrix``, ``point_embeddings.0.weight``,
-    ``mask_downscaling.0.weight``, ...).
-
-    ``layout="transformers"``: HF keys with ``prompt_encoder.`` stripped
-    (``shared_embedding.positional_embedding``, ``point_embed.0.weight``,
-    ``mask_embed.conv1.weight``, ...). HF ties that matrix to ``SamModel``'s top-level
-    ``shared_image_embedding.positional_embedding`` (the one its dense PE uses) and
-    ``save_pretrained`` keeps only the latter; pass that key along unchanged: either key alone
-    is accepted, and both must then be equal.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
-    keys = _key_map(layout)
-    if layout == "transformers" and _SHARED_IMAGE_EMBEDDING in state_dict:
-        state_dict = dict(state_dict)
-        shared = state_dict.pop(_SHARED_IMAGE_EMBEDDING)
-        own = state_dict.setdefault("shared_embedding.positional_embedding", shared)
-        if np.shape(own) != np.shape(shared) or not np.array_equal(own, shared):
-            raise CheckpointMismatchError(f"{source}: shared_embedding.positional_embedding and "
-                             f"{_SHARED_IMAGE_EMBEDDING} differ; HF ties them")
-    return apply_key_map(state_dict, keys, source=source)
+            rules.append(Rule(f"{source}.weight", f"{target}/scale"))
+        rules.append(Rule(f"{source}.bias", f"{target}/bias"))
+    return rules

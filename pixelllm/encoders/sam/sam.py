@@ -3,14 +3,18 @@
 PixelLLM keeps all three frozen: the image encoder gives half of the fused visual features, the
 prompt encoder embeds location prompts, and the mask decoder turns a predicted box into a mask.
 
-``load_sam`` reads the public files: the original ``sam_vit_{h,l,b}_*.pth`` (flat keys
-``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``) or a Hugging Face ``SamModel``
-(``vision_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``, ``shared_image_embedding.*``),
-as a ``.pth``/``.bin``/``.safetensors`` file, a sharded index or a folder.
+Checkpoints: the original ``sam_vit_{h,l,b}_*.pth`` (flat keys ``image_encoder.*``,
+``prompt_encoder.*``, ``mask_decoder.*``) or a Hugging Face ``SamModel`` (``vision_encoder.*``,
+``prompt_encoder.*``, ``mask_decoder.*``, ``shared_image_embedding.*``). :func:`load` fills a built
+:class:`Sam` from such a state dict (the family loader convention ``load(module, state_dict, *,
+source)``); :func:`load_sam` reads a ``.pth``/``.bin``/``.safetensors`` file, sharded index or
+folder, builds the model from a config or from the file's own shapes, at any input size, and
+loads it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +24,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelllm.checkpoints import assign as assign_lib
+from pixelllm.checkpoints import key_map
+from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.checkpoints.state_dict import read_state_dict
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
@@ -35,9 +40,14 @@ _PREFIXES = {
     "segment_anything": ("image_encoder.", "prompt_encoder.", "mask_decoder."),
     "transformers": ("vision_encoder.", "prompt_encoder.", "mask_decoder."),
 }
-_HF_SHARED_EMBEDDING = "shared_image_embedding.positional_embedding"
-# The Hugging Face mask decoder's LayerNorms use 1e-6 where the original release uses torch's 1e-5.
-_HF_MASK_DECODER_EPS = 1e-6
+_BLOCKS = {"segment_anything": "blocks", "transformers": "layers"}
+# The two-way blocks' LayerNorm eps of each release: torch's default in segment_anything, 1e-6 in
+# the Hugging Face port. The one place the eps follows the file (see `load`).
+_MASK_DECODER_EPS = {"segment_anything": 1e-5, "transformers": 1e-6}
+# Both releases build the image encoder's LayerNorms with 1e-6.
+_IMAGE_ENCODER_EPS = 1e-6
+# The released image encoders, to say which one a file of another size looks like.
+_RELEASED = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 
 def normalize(images: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
@@ -93,58 +103,148 @@ def detect_layout(state_dict: Mapping[str, np.ndarray], *, source: str) -> str:
         if any(key.startswith(prefixes[0]) for key in state_dict):
             return layout
     tops = sorted({key.split(".", 1)[0] for key in state_dict})
-    raise assign_lib.CheckpointMismatchError(
+    raise CheckpointMismatchError(
         f"{source}: not a SAM checkpoint: expected keys under 'image_encoder.' (segment_anything) "
         f"or 'vision_encoder.' (transformers), found top-level names {tops[:10]}")
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, layout: str | None = None,
-                       source: str = "SAM state dict") -> dict[str, np.ndarray]:
-    """A whole SAM state dict (either layout) -> ``{"nnx/path": array}`` for :class:`Sam`."""
-    layout = layout or detect_layout(state_dict, source=source)
-    prefixes = _PREFIXES[layout]
-    parts: list[dict[str, np.ndarray]] = [{}, {}, {}]
-    stray = []
-    for key, value in state_dict.items():
-        for part, prefix in zip(parts, prefixes):
-            if key.startswith(prefix):
-                part[key[len(prefix):]] = value
-                break
-        else:
-            if layout == "transformers" and key == _HF_SHARED_EMBEDDING:
-                parts[1][key] = value  # the prompt encoder checks it against its own copy
-            else:
-                stray.append(key)
-    if stray:
-        raise assign_lib.CheckpointMismatchError(
-            f"{source}: {len(stray)} keys belong to no SAM part: {', '.join(sorted(stray)[:20])}")
-    converters = (image_encoder_lib.convert_state_dict, prompt_encoder_lib.convert_state_dict,
-                  mask_decoder_lib.convert_state_dict)
-    out = {}
-    for name, part, convert in zip(("image_encoder", "prompt_encoder", "mask_decoder"), parts,
-                                   converters):
-        for path, value in convert(part, layout=layout).items():
-            out[f"{name}/{path}"] = value
-    return out
-
-
-def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *, variant: str = "vit_h",
-             img_size: int | None = None, dtype: jnp.dtype = jnp.float32) -> Sam:
-    """Builds the ``configs/sam.py`` variant and fills it from a public checkpoint.
-
-    ``img_size`` (e.g. 384 as PixelLLM) changes the input size only; weights keep their pretrained
-    shapes. A checkpoint of another variant fails with the mismatched keys named.
-    """
-    from configs import sam as sam_config  # configs is a top-level package beside pixelllm
-
-    config = sam_config.get_config(variant)
-    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else f"SAM {variant} state dict"
-    state_dict = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
-    layout = detect_layout(state_dict, source=source)
-    if img_size is not None:
-        config.model.image_encoder.img_size = img_size
+def key_rules(layout: str, *, iou_head_depth: int = 3) -> list[key_map.Rule]:
+    """The key map of a whole :class:`Sam` in ``layout`` (see :func:`detect_layout`)."""
+    image, prompt, mask = _PREFIXES[layout]
+    rules = key_map.prefixed(image_encoder_lib.key_rules(layout), source=image,
+                             target="image_encoder/")
+    rules += key_map.prefixed(prompt_encoder_lib.key_rules(layout), source=prompt,
+                              target="prompt_encoder/")
     if layout == "transformers":
-        config.model.mask_decoder.layer_norm_eps = _HF_MASK_DECODER_EPS
-    params = convert_state_dict(state_dict, layout=layout, source=source)
-    model = nnx.eval_shape(lambda: Sam.from_config(config.model, rngs=nnx.Rngs(0), dtype=dtype))
-    return assign_lib.assign(model, params, source=source)
+        rules += key_map.prefixed([prompt_encoder_lib.HF_SHARED_EMBEDDING_RULE],
+                                  target="prompt_encoder/")
+    rules += key_map.prefixed(
+        mask_decoder_lib.key_rules(layout, iou_head_depth=iou_head_depth), source=mask,
+        target="mask_decoder/")
+    return rules
+
+
+def _image_encoder_size(embed_dim: int, depth: int) -> str:
+    size = f"embed_dim {embed_dim}, depth {depth}"
+    name = _RELEASED.get((embed_dim, depth))
+    return f"{name} ({size})" if name else f"a SAM image encoder of {size}"
+
+
+def _count(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
+    """``1 + max(i)`` over keys ``{prefix}{i}.…`` (0 if none): a stack's depth in a file."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
+
+
+def _variant_hint(model: Sam, state_dict: Mapping[str, np.ndarray], layout: str) -> str | None:
+    """What the file's image encoder looks like (e.g. vit_b) when it differs from the model's."""
+    prefix = _PREFIXES[layout][0]
+    pos_embed = state_dict.get(prefix + "pos_embed")
+    if pos_embed is None:
+        return None
+    blocks = prefix + _BLOCKS[layout] + "."
+    file_size = _image_encoder_size(np.shape(pos_embed)[-1], _count(state_dict, blocks))
+    model_size = _image_encoder_size(model.image_encoder.pos_embed.get_value().shape[-1],
+                                     len(model.image_encoder.blocks))
+    if file_size == model_size:
+        return None
+    return f"this looks like {file_size}; the model is {model_size}"
+
+
+def _set_mask_decoder_eps(model: Sam, layout: str) -> None:
+    """The file's release fixes the two-way blocks' LayerNorm eps (see ``_MASK_DECODER_EPS``)."""
+    for layer in model.mask_decoder.transformer.layers:
+        for norm in (layer.norm1, layer.norm2, layer.norm3, layer.norm4):
+            norm.epsilon = _MASK_DECODER_EPS[layout]
+
+
+def load(module: Sam, state_dict: Mapping[str, np.ndarray], *, source: str) -> Sam:
+    """Fills ``module`` (in place, strictly) from a whole SAM state dict of either layout.
+
+    The mask decoder's block LayerNorm eps is set to the file's release (1e-5
+    segment_anything, 1e-6 transformers). A file of another size fails naming ``source``, the
+    keys and, when the image encoders differ, what the file looks like ("... vit_b").
+    """
+    layout = detect_layout(state_dict, source=source)
+    rules = key_rules(layout, iou_head_depth=len(module.mask_decoder.iou_prediction_head.layers))
+    key_map.load(module, state_dict, rules, source=source,
+                 hint=_variant_hint(module, state_dict, layout))
+    _set_mask_decoder_eps(module, layout)
+    return module
+
+
+def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
+                           img_size: int | None = None, decoder_heads: int = 8) -> dict:
+    """The :class:`Sam` fields (``configs/sam.py`` ``model`` layout) of a SAM state dict.
+
+    Every size is read from the tensors' shapes; the mask decoder's head count is not in them
+    (``decoder_heads``: 8 in every released SAM). ``img_size`` defaults to the pretraining size.
+    """
+    layout = detect_layout(state_dict, source=source)
+    image, prompt, mask = _PREFIXES[layout]
+    hf = layout == "transformers"
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise CheckpointMismatchError(f"{source}: SAM key {key} is missing")
+        return tuple(np.shape(state_dict[key]))
+
+    embed_dim, _, patch, _ = shape(image + ("patch_embed.projection" if hf else "patch_embed.proj")
+                                   + ".weight")
+    grid = shape(image + "pos_embed")[1]
+    blocks = image + _BLOCKS[layout] + "."
+    depth = _count(state_dict, blocks)
+    tables = [shape(f"{blocks}{i}.attn.rel_pos_h") for i in range(depth)]
+    windows = {n for n, _ in tables if n != 2 * grid - 1}
+    if len(windows) > 1:
+        raise CheckpointMismatchError(f"{source}: windowed blocks with relative-position tables "
+                                      f"of several lengths {sorted(windows)}")
+    mlp_dim = shape(f"{blocks}0.mlp.lin1.weight")[0]
+    neck_conv = image + ("neck.conv1" if hf else "neck.0") + ".weight"
+    transformer_dim = shape(mask + "iou_token.weight")[1]
+    lin1 = shape(mask + "transformer.layers.0.mlp.lin1.weight")
+    cross_q = shape(mask + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight")
+    iou_first = mask + "iou_prediction_head." + ("proj_in" if hf else "layers.0") + ".weight"
+    iou_depth = _count(state_dict, mask + "iou_prediction_head.layers.") + (2 if hf else 0)
+    mask_conv3 = prompt + ("mask_embed.conv3" if hf else "mask_downscaling.6") + ".weight"
+    return {
+        "image_encoder": dict(
+            img_size=img_size or grid * patch, pretrain_img_size=grid * patch, patch_size=patch,
+            embed_dim=embed_dim, depth=depth, num_heads=embed_dim // tables[0][1],
+            mlp_ratio=mlp_dim / embed_dim, out_chans=shape(neck_conv)[0],
+            window_size=(windows.pop() + 1) // 2 if windows else grid,
+            global_attn_indexes=tuple(i for i, (n, _) in enumerate(tables) if n == 2 * grid - 1),
+            layer_norm_eps=_IMAGE_ENCODER_EPS),
+        "prompt_encoder": dict(embed_dim=transformer_dim, mask_in_chans=shape(mask_conv3)[1]),
+        "mask_decoder": dict(
+            transformer_dim=transformer_dim,
+            transformer_depth=_count(state_dict, mask + "transformer.layers."),
+            transformer_heads=decoder_heads, transformer_mlp_dim=lin1[0],
+            attention_downsample_rate=transformer_dim // cross_q[0],
+            num_multimask_outputs=shape(mask + "mask_tokens.weight")[0] - 1,
+            iou_head_depth=iou_depth, iou_head_hidden_dim=shape(iou_first)[0],
+            layer_norm_eps=_MASK_DECODER_EPS[layout]),
+    }
+
+
+def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *,
+             config: Mapping | None = None, img_size: int | None = None,
+             dtype: jnp.dtype = jnp.float32) -> Sam:
+    """A :class:`Sam` filled from a public checkpoint (file, folder, index or state dict).
+
+    ``config``: the model fields (``configs/sam.py``'s ``model``, any SAM-shaped sizes); None
+    builds the model from the file's own shapes (:func:`config_from_state_dict`). ``img_size``
+    (e.g. 384 as PixelLLM) overrides the input size only; weights keep their pretrained shapes.
+    """
+    is_dict = isinstance(checkpoint, Mapping)
+    source = "SAM state dict" if is_dict else str(checkpoint)
+    state_dict = checkpoint if is_dict else read_state_dict(checkpoint)
+    if config is None:
+        fields = config_from_state_dict(state_dict, source=source)
+    else:
+        fields = {part: dict(config[part])
+                  for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    if img_size is not None:
+        fields["image_encoder"]["img_size"] = img_size
+    model = nnx.eval_shape(lambda: Sam(**fields, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load(model, state_dict, source=source)

@@ -17,16 +17,15 @@ separate ``final_layer_norm_eps``.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from pixelllm.checkpoints.assign import check_keys
+from pixelllm.checkpoints.key_map import TRANSPOSE, Rule
 from pixelllm.nn import layers
+from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.layers import linear
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -137,16 +136,21 @@ class TwoWayTransformer(nnx.Module):
       layer_norm_eps: eps of the blocks' LayerNorms (1e-5 segment_anything, 1e-6 transformers).
       final_layer_norm_eps: eps of the final LayerNorm; defaults to ``layer_norm_eps``.
       activation: MLP activation (SAM: ReLU).
-      dtype: computation dtype (inputs are cast to it); ``param_dtype``: storage dtype.
+      dtype: computation dtype (inputs are cast to it; LayerNorm statistics and the attention
+        softmax stay float32); ``param_dtype``: storage dtype.
+      remat: the blocks' rematerialization policy (:mod:`pixelllm.nn.remat`). The first block
+        differs from the others (no positional encoding in its self-attention), so the blocks
+        run one by one rather than under ``nnx.scan``.
     """
 
     def __init__(self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
                  layer_norm_eps: float, attention_downsample_rate: int = 2,
                  final_layer_norm_eps: float | None = None,
                  activation: Activation = jax.nn.relu, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
         self.embedding_dim = embedding_dim
         self.dtype = dtype
+        self.remat = remat_lib.check_remat(remat)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
             TwoWayAttentionBlock(
@@ -186,8 +190,11 @@ class TwoWayTransformer(nnx.Module):
             raise ValueError(f"point_embedding must be [B={keys.shape[0]}, N, "
                              f"C={self.embedding_dim}], got {point_embedding.shape}")
         queries = point_embedding
+        run_layer = remat_lib.remat(
+            lambda layer, queries, keys: layer(queries, keys, point_embedding, key_pe, key_mask),
+            self.remat)
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, key_mask)
+            queries, keys = run_layer(layer, queries, keys)
         attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys,
                                                   key_mask)
         return self.norm_final_attn(queries + attn_out), keys
@@ -210,78 +217,40 @@ class TwoWayTransformer(nnx.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-KeyMap = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]
+def _linear_rules(source: str, target: str) -> list[Rule]:
+    return [Rule(f"{source}.weight", f"{target}/kernel", TRANSPOSE),
+            Rule(f"{source}.bias", f"{target}/bias")]
 
 
-def _linear_keys(source: str, target: str) -> KeyMap:
-    return {f"{source}.weight": (f"{target}/kernel", lambda w: w.T),
-            f"{source}.bias": (f"{target}/bias", lambda b: b)}
+def _norm_rules(source: str, target: str) -> list[Rule]:
+    return [Rule(f"{source}.weight", f"{target}/scale"), Rule(f"{source}.bias", f"{target}/bias")]
 
 
-def _norm_keys(source: str, target: str) -> KeyMap:
-    return {f"{source}.weight": (f"{target}/scale", lambda w: w),
-            f"{source}.bias": (f"{target}/bias", lambda b: b)}
+def _attention_rules(source: str, target: str) -> list[Rule]:
+    return [rule for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+            for rule in _linear_rules(f"{source}.{proj}", f"{target}/{proj}")]
 
 
-def _attention_keys(source: str, target: str) -> KeyMap:
-    keys: KeyMap = {}
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        keys |= _linear_keys(f"{source}.{proj}", f"{target}/{proj}")
-    return keys
+def key_rules(layout: str) -> list[Rule]:
+    """The key map of a :class:`TwoWayTransformer` for :mod:`pixelllm.checkpoints.key_map`.
 
-
-def count_indices(state_dict: Mapping[str, object], prefix: str) -> int:
-    """``1 + max(i)`` over keys ``{prefix}{i}.…`` (0 if none): a stack's depth in a state dict."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = [int(m.group(1)) for k in state_dict if (m := pattern.match(k))]
-    return max(found) + 1 if found else 0
-
-
-def key_map(depth: int, *, layout: str, prefix: str = "", target_prefix: str = "") -> KeyMap:
-    """``{source key: (model path, torch -> Flax transform)}`` for a ``depth``-block stack.
-
-    ``prefix`` is prepended to the source keys (e.g. ``"transformer."`` inside the mask
-    decoder), ``target_prefix`` to the model paths.
+    Source keys are relative to the transformer (``layers.0.self_attn.q_proj.weight`` once
+    ``mask_decoder.transformer.`` is stripped); ``layout`` is ``"segment_anything"``
+    (``norm1``, ``norm_final_attn``) or ``"transformers"`` (``layer_norm1``,
+    ``layer_norm_final_attn``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     norm = "norm{}" if layout == "segment_anything" else "layer_norm{}"
     final_norm = "norm_final_attn" if layout == "segment_anything" else "layer_norm_final_attn"
-    keys: KeyMap = {}
-    for i in range(depth):
-        src, dst = f"{prefix}layers.{i}", f"{target_prefix}layers/{i}"
-        for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
-            keys |= _attention_keys(f"{src}.{attn}", f"{dst}/{attn}")
-        for j in range(1, 5):
-            keys |= _norm_keys(f"{src}.{norm.format(j)}", f"{dst}/norm{j}")
-        keys |= _linear_keys(f"{src}.mlp.lin1", f"{dst}/mlp/lin1")
-        keys |= _linear_keys(f"{src}.mlp.lin2", f"{dst}/mlp/lin2")
-    keys |= _attention_keys(f"{prefix}final_attn_token_to_image",
-                            f"{target_prefix}final_attn_token_to_image")
-    keys |= _norm_keys(f"{prefix}{final_norm}", f"{target_prefix}norm_final_attn")
-    return keys
-
-
-def apply_key_map(state_dict: Mapping[str, np.ndarray], keys: KeyMap, *,
-                  source: str) -> dict[str, np.ndarray]:
-    """Checks that ``state_dict`` holds exactly the keys of ``keys`` and converts them.
-
-    Raises :class:`~pixelllm.checkpoints.assign.CheckpointMismatchError` naming missing and
-    unexpected keys. Shapes are checked later, against the model, by ``assign``.
-    """
-    found = {k: np.shape(v) for k, v in state_dict.items()}
-    check_keys(source=source, expected={k: found.get(k, ()) for k in keys}, found=found)
-    return {target: fn(np.asarray(state_dict[k])) for k, (target, fn) in keys.items()}
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, layout: str,
-                       source: str = "two-way transformer state dict") -> dict[str, np.ndarray]:
-    """Torch state dict of a two-way transformer -> ``{"nnx/path": array}`` for ``assign``.
-
-    ``state_dict`` keys are relative to the transformer (e.g. ``layers.0.self_attn.q_proj.weight``
-    after stripping ``mask_decoder.transformer.``); ``layout`` is ``"segment_anything"``
-    (``norm1``, ``norm_final_attn``) or ``"transformers"`` (``layer_norm1``,
-    ``layer_norm_final_attn``). The depth is read from the keys.
-    """
-    depth = count_indices(state_dict, "layers.")
-    return apply_key_map(state_dict, key_map(depth, layout=layout), source=source)
+    src, dst = "layers.{i}", "layers/{i}"
+    rules = []
+    for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
+        rules += _attention_rules(f"{src}.{attn}", f"{dst}/{attn}")
+    for j in range(1, 5):
+        rules += _norm_rules(f"{src}.{norm.format(j)}", f"{dst}/norm{j}")
+    rules += _linear_rules(f"{src}.mlp.lin1", f"{dst}/mlp/lin1")
+    rules += _linear_rules(f"{src}.mlp.lin2", f"{dst}/mlp/lin2")
+    rules += _attention_rules("final_attn_token_to_image", "final_attn_token_to_image")
+    rules += _norm_rules(final_norm, "norm_final_attn")
+    return rules

@@ -15,8 +15,9 @@ from segment_anything.modeling import ImageEncoderViT
 
 from configs import sam as sam_config
 from pixelllm import sharding
-from pixelllm.checkpoints.assign import CheckpointMismatchError, assign, check_keys, param_shapes
-from pixelllm.encoders.sam.image_encoder import SamImageEncoder, convert_state_dict
+from pixelllm.checkpoints import key_map
+from pixelllm.checkpoints.assign import CheckpointMismatchError, param_shapes
+from pixelllm.encoders.sam.image_encoder import SamImageEncoder, key_rules
 
 
 def _tiny(**overrides) -> dict:
@@ -51,7 +52,7 @@ def _numpy(module: torch.nn.Module, strip: str = "") -> dict[str, np.ndarray]:
 def _jax_encoder(config: dict, state_dict, *, layout: str) -> SamImageEncoder:
     # Built abstractly (no random init), as real checkpoints are loaded.
     model = nnx.eval_shape(lambda: SamImageEncoder(**config, rngs=nnx.Rngs(0)))
-    return assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+    return key_map.load(model, state_dict, key_rules(layout), source="test")
 
 
 def _forward(model: SamImageEncoder, images: jax.Array) -> jax.Array:
@@ -151,14 +152,13 @@ def _meta_shapes(variant: str) -> tuple[dict, dict[str, np.ndarray]]:
 def test_sam_image_encoder_full_size_parameters(variant):
     config, shapes = _meta_shapes(variant)
     torch_count = sum(int(np.prod(v.shape)) for v in shapes.values())
-    converted = {k: np.shape(v) for k, v in
-                 convert_state_dict(shapes, layout="segment_anything").items()}
     for img_size in (1024, 384) if variant == "vit_h" else (1024,):
         abstract = nnx.eval_shape(
             lambda: SamImageEncoder(**{**config, "img_size": img_size}, rngs=nnx.Rngs(0)))
         assert sharding.param_count(nnx.state(abstract)) == torch_count
         # The public checkpoint's names and shapes fit both input sizes unchanged.
-        check_keys(source=variant, expected=param_shapes(abstract), found=converted)
+        key_map.apply_key_map(shapes, key_rules("segment_anything"), source=variant,
+                              expected=param_shapes(abstract))
     if variant == "vit_h":
         assert torch_count == 637_026_048
 
@@ -175,30 +175,30 @@ def test_sam_image_encoder_rejects_bad_inputs_and_checkpoints():
                        match=r"\[B, 40, 40, 3\].*got 48x48 in shape \(1, 48, 48, 3\)"):
         model(jnp.zeros((1, 48, 48, 3)))
     with pytest.raises(ValueError, match="layout"):
-        convert_state_dict(state_dict, layout="timm")
+        key_rules("timm")
 
     shallower = _numpy(_torch_encoder(_tiny(depth=2, global_attn_indexes=(1,))))
     with pytest.raises(CheckpointMismatchError,
-                       match=r"missing parameters: blocks/2/attn/proj/bias"):
+                       match=r"test: .*\n.*missing keys: blocks\.2\.attn\.proj\.bias"):
         _jax_encoder(config, shallower, layout="segment_anything")
     wider = _numpy(_torch_encoder(_tiny(embed_dim=48)))
     with pytest.raises(CheckpointMismatchError,
-                       match=r"blocks/0/attn/qkv/kernel "
-                             r"\(checkpoint \(48, 144\), model \(32, 96\)\)"):
+                       match=r"blocks\.0\.attn\.qkv\.weight \(file \(144, 48\), after transpose "
+                             r"\(48, 144\); model blocks/0/attn/qkv/kernel \(32, 96\)\)"):
         _jax_encoder(config, wider, layout="segment_anything")
 
     truncated = {k: v for k, v in state_dict.items() if k != "blocks.1.attn.rel_pos_w"}
     with pytest.raises(CheckpointMismatchError,
                        match=r"1 missing keys: blocks\.1\.attn\.rel_pos_w"):
-        convert_state_dict(truncated, layout="segment_anything")
+        _jax_encoder(config, truncated, layout="segment_anything")
     extra = {**state_dict, "blocks.0.attn.lora_a": np.zeros((4, 32), np.float32)}
     with pytest.raises(CheckpointMismatchError,
                        match=r"1 unexpected keys: blocks\.0\.attn\.lora_a"):
-        convert_state_dict(extra, layout="segment_anything")
+        _jax_encoder(config, extra, layout="segment_anything")
     with pytest.raises(CheckpointMismatchError,
-                       match=r"(?s)8 missing keys: neck\.conv1\.weight.*50 unexpected keys: "
-                             r"blocks\.0\.attn\.proj\.bias"):
-        convert_state_dict(state_dict, layout="transformers")
+                       match=r"(?s)50 missing keys: layers\.0\.attn\.proj\.bias.*50 unexpected "
+                             r"keys: blocks\.0\.attn\.proj\.bias"):
+        _jax_encoder(config, state_dict, layout="transformers")
 
 
 def test_sam_image_encoder_sharded_matches_single_device():

@@ -10,9 +10,10 @@ from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import TwoWayTransformer as TorchTwoWayTransformer
 
 from configs import sam as sam_config
+from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError, assign, param_shapes
 from pixelllm.encoders.sam.mask_decoder import (
-    SamMaskDecoder, conv_transpose_kernel_from_torch, convert_state_dict)
+    SamMaskDecoder, conv_transpose_kernel_from_torch, key_rules)
 
 DIM, HEADS, MLP, IOU_HIDDEN, H, W, PROMPTS, TOKENS = 32, 4, 64, 24, 5, 6, 3, 4
 
@@ -49,7 +50,8 @@ def _jax(state_dict, *, layout: str, **overrides) -> SamMaskDecoder:
                   iou_head_depth=3, iou_head_hidden_dim=IOU_HIDDEN, layer_norm_eps=1e-5)
     kwargs.update(overrides)
     model = nnx.eval_shape(lambda: SamMaskDecoder(**kwargs, rngs=nnx.Rngs(0)))
-    return assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+    return key_map.load(model, state_dict,
+                        key_rules(layout, iou_head_depth=kwargs["iou_head_depth"]), source="test")
 
 
 def _random(config: dict) -> SamMaskDecoder:
@@ -189,17 +191,13 @@ def test_sam_mask_decoder_converter_names_missing_and_unexpected_keys(hf_sam, la
     state_dict = _numpy(reference)
     missing = {k: v for k, v in state_dict.items() if k not in dropped}
     with pytest.raises(CheckpointMismatchError, match="2 missing keys") as error:
-        convert_state_dict(missing, layout=layout)
+        _jax(missing, layout=layout)
     assert all(key in str(error.value) for key in dropped)
     extra = dict(state_dict, **{"transformer.layers.0.extra.weight": np.zeros(3)})
     with pytest.raises(CheckpointMismatchError,
                        match=r"unexpected keys: transformer\.layers\.0\.extra\.weight"):
-        convert_state_dict(extra, layout=layout)
-    # A checkpoint of another depth converts, but assign names the extra layer's parameters.
-    model = nnx.eval_shape(lambda: SamMaskDecoder(
-        transformer_dim=DIM, transformer_depth=1, transformer_heads=HEADS,
-        transformer_mlp_dim=MLP, iou_head_hidden_dim=IOU_HIDDEN, layer_norm_eps=1e-5,
-        rngs=nnx.Rngs(0)))
+        _jax(extra, layout=layout)
+    # A file of another depth: its extra layer's keys are named as the file spells them.
     with pytest.raises(CheckpointMismatchError,
-                       match=r"unexpected parameters: transformer/layers/1"):
-        assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+                       match=r"36 unexpected keys: transformer\.layers\.1\.cross_attn_image_to_"):
+        _jax(state_dict, layout=layout, transformer_depth=1)

@@ -9,8 +9,10 @@ import torch
 from flax import nnx
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 
+from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError, assign, param_shapes
-from pixelllm.encoders.sam.prompt_encoder import SamPromptEncoder, convert_state_dict
+from pixelllm.encoders.sam.prompt_encoder import (
+    HF_SHARED_EMBEDDING_RULE, SamPromptEncoder, key_rules)
 
 DIM, MASK_CHANS = 32, 16  # SAM's mask_in_chans: 4 channels in the first LayerNorm2d
 
@@ -37,9 +39,13 @@ def _numpy(state_dict, strip: str = "") -> dict[str, np.ndarray]:
     return {k.removeprefix(strip): v.detach().numpy() for k, v in state_dict.items()}
 
 
+def _rules(layout: str) -> list:
+    return key_rules(layout) + ([HF_SHARED_EMBEDDING_RULE] if layout == "transformers" else [])
+
+
 def _jax(state_dict, *, layout: str, **kwargs) -> SamPromptEncoder:
     model = nnx.eval_shape(lambda: SamPromptEncoder(**kwargs, rngs=nnx.Rngs(0)))
-    return assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+    return key_map.load(model, state_dict, _rules(layout), source="test")
 
 
 def _prompts(batch: int, height: int, width: int, seed: int = 1):
@@ -166,11 +172,13 @@ def test_sam_prompt_encoder_transformers_tied_positional_matrix(hf_sam):
     only_own = {k: v for k, v in state_dict.items()
                 if k != "shared_image_embedding.positional_embedding"}
     np.testing.assert_array_equal(
-        convert_state_dict(only_own, layout="transformers")[
-            "pe_layer/positional_encoding_gaussian_matrix"], gaussian)
+        _jax(only_own, layout="transformers", **kwargs)
+        .pe_layer.positional_encoding_gaussian_matrix[...], gaussian)
     untied = dict(state_dict, **{"shared_image_embedding.positional_embedding": gaussian + 1})
-    with pytest.raises(CheckpointMismatchError, match="differ"):
-        convert_state_dict(untied, layout="transformers")
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"tied keys that differ: shared_embedding\.positional_embedding and "
+                             r"shared_image_embedding\.positional_embedding"):
+        _jax(untied, layout="transformers", **kwargs)
 
 
 def test_sam_prompt_encoder_jit_with_static_shapes_matches_eager():
@@ -234,19 +242,19 @@ def test_sam_prompt_encoder_converter_names_missing_and_unexpected_keys(hf_sam, 
     else:
         state_dict = _hf_state_dict(_hf_model(hf_sam))
         dropped = "mask_embed.layer_norm2.bias"
+    kwargs = dict(embed_dim=DIM, image_embedding_size=(6, 8), input_image_size=(24, 32),
+                  mask_in_chans=MASK_CHANS)
     missing = {k: v for k, v in state_dict.items() if k != dropped}
     with pytest.raises(CheckpointMismatchError, match=rf"missing .*{dropped}"):
-        convert_state_dict(missing, layout=layout)
+        _jax(missing, layout=layout, **kwargs)
     extra = dict(state_dict, **{"point_embeddings.4.weight": np.zeros((1, DIM))}) \
         if layout == "segment_anything" else dict(state_dict, **{"point_embed.4.weight": 0})
     with pytest.raises(CheckpointMismatchError, match=r"unexpected .*point_embed"):
-        convert_state_dict(extra, layout=layout)
-    # A converted dict from a different width is caught by assign, naming the parameter.
-    model = nnx.eval_shape(lambda: SamPromptEncoder(
-        embed_dim=2 * DIM, image_embedding_size=(6, 8), input_image_size=(24, 32),
-        mask_in_chans=MASK_CHANS, rngs=nnx.Rngs(0)))
-    with pytest.raises(CheckpointMismatchError, match="mis-shaped .*no_mask_embed"):
-        assign(model, convert_state_dict(state_dict, layout=layout), source="test")
+        _jax(extra, layout=layout, **kwargs)
+    # A file of another width is named by its key, its shape and the model's.
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped .*no_mask_embed\.weight "
+                                                      rf"\(file \(1, {DIM}\)"):
+        _jax(state_dict, layout=layout, **{**kwargs, "embed_dim": 2 * DIM})
 
 
 def test_dense_pe_on_another_grid_encodes_its_cell_centres():

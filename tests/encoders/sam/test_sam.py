@@ -84,7 +84,7 @@ def test_sam_parity_with_segment_anything_through_a_pth_file(tmp_path, multimask
     reference = _torch_sam()
     path = tmp_path / "sam_tiny.pth"
     torch.save(reference.state_dict(), path)
-    model = sam.load_sam(path, variant="tiny")
+    model = sam.load_sam(path, config=TINY)
     pixels, boxes = _inputs()
     masks, iou = model(sam.normalize(pixels), boxes=boxes, multimask_output=multimask)
     want_masks, want_iou = _torch_predict(reference, pixels, boxes, multimask)
@@ -118,7 +118,7 @@ def test_sam_parity_with_transformers_through_a_saved_folder(tmp_path):
         reference.prompt_encoder.shared_embedding.positional_embedding.copy_(
             reference.shared_image_embedding.positional_embedding)
     reference.save_pretrained(tmp_path)
-    model = sam.load_sam(tmp_path, variant="tiny")
+    model = sam.load_sam(tmp_path, config=TINY)
 
     pixels, boxes = _inputs()
     images = sam.normalize(pixels)
@@ -144,15 +144,50 @@ def test_sam_vit_h_parameter_counts():
 def test_sam_wrong_files_are_named(tmp_path):
     shallow = tmp_path / "sam_depth2.pth"
     torch.save(_torch_sam(depth=2).state_dict(), shallow)
-    with pytest.raises(CheckpointMismatchError, match=r"sam_depth2.pth.*\n.*missing.*blocks/2/"):
-        sam.load_sam(shallow, variant="tiny")
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"sam_depth2.pth: .*this looks like a SAM image encoder of embed_dim "
+                             r"32, depth 2; the model is a SAM image encoder of embed_dim 32, depth "
+                             r"3\n.*missing keys: image_encoder\.blocks\.2\."):
+        sam.load_sam(shallow, config=TINY)
 
     other = tmp_path / "not_sam.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, other)
     with pytest.raises(CheckpointMismatchError, match="not_sam.pth: not a SAM checkpoint"):
-        sam.load_sam(other, variant="tiny")
+        sam.load_sam(other, config=TINY)
 
-    stray = {f"image_encoder.{k}": v.numpy() for k, v in
-             _torch_sam().image_encoder.state_dict().items()} | {"extra_head.weight": np.zeros(1)}
-    with pytest.raises(CheckpointMismatchError, match="keys belong to no SAM part: extra_head"):
-        sam.convert_state_dict(stray)
+    stray = {k: v.numpy() for k, v in _torch_sam().state_dict().items()} | {
+        "extra_head.weight": np.zeros(1)}
+    model = nnx.eval_shape(lambda: sam.Sam.from_config(TINY, rngs=nnx.Rngs(0)))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"stray.pth: .*\n  1 unexpected keys: extra_head\.weight$"):
+        sam.load(model, stray, source="stray.pth")
+
+
+def test_sam_file_of_a_released_size_is_named():
+    # Only the shapes the message reads: the width of pos_embed and the number of blocks.
+    vit_b = {"image_encoder.pos_embed": np.zeros((1, 1, 1, 768), np.float32)} | {
+        f"image_encoder.blocks.{i}.norm1.weight": np.zeros(768, np.float32) for i in range(12)}
+    model = nnx.eval_shape(lambda: sam.Sam.from_config(TINY, rngs=nnx.Rngs(0)))
+    with pytest.raises(CheckpointMismatchError, match=r"vit_b.pth: .*this looks like vit_b "
+                                                      r"\(embed_dim 768, depth 12\); the model is"):
+        sam.load(model, vit_b, source="vit_b.pth")
+
+
+def test_sam_built_from_the_file_at_another_input_size(tmp_path):
+    reference = _torch_sam()
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    # Every field but the decoder's head count (not in any shape) comes from the file.
+    expected = TINY.to_dict()
+    expected["mask_decoder"]["transformer_heads"] = 8
+    assert sam.config_from_state_dict(state_dict, source="tiny") == expected
+
+    from_file = sam.load_sam(path, img_size=48)
+    from_config = sam.load_sam(path, config=TINY, img_size=48)
+    pixels = np.random.default_rng(1).uniform(0, 255, (1, 48, 48, 3)).astype(np.float32)
+    got = np.asarray(from_file.image_encoder(sam.normalize(pixels)))
+    assert got.shape == (1, 12, 12, TINY.image_encoder.out_chans)
+    np.testing.assert_array_equal(got, from_config.image_encoder(sam.normalize(pixels)))
+    # The HF file layout sets the decoder's block eps; this file is segment_anything's.
+    assert from_file.mask_decoder.transformer.layers[0].norm1.epsilon == 1e-5

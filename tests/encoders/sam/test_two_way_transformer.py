@@ -9,8 +9,9 @@ import torch
 from flax import nnx
 from segment_anything.modeling.transformer import TwoWayTransformer as TorchTwoWayTransformer
 
+from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError, assign, param_shapes
-from pixelllm.encoders.sam.two_way_transformer import TwoWayTransformer, convert_state_dict
+from pixelllm.encoders.sam.two_way_transformer import TwoWayTransformer, key_rules
 from pixelllm.nn.layers import gelu
 
 DIM, HEADS, MLP, BATCH, TOKENS, H, W = 32, 4, 64, 2, 7, 5, 6
@@ -67,8 +68,7 @@ def _random(seed: int = 0, **kwargs) -> TwoWayTransformer:
 
 
 def _jax(state_dict, *, layout: str, **kwargs) -> TwoWayTransformer:
-    return assign(_abstract(**kwargs), convert_state_dict(state_dict, layout=layout),
-                  source="test")
+    return key_map.load(_abstract(**kwargs), state_dict, key_rules(layout), source="test")
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -163,12 +163,12 @@ def test_two_way_transformer_converter_names_missing_and_unexpected_keys():
     missing = dict(state_dict)
     del missing["layers.1.norm3.bias"]
     with pytest.raises(CheckpointMismatchError, match=r"missing .*layers\.1\.norm3\.bias"):
-        convert_state_dict(missing, layout="segment_anything")
+        _jax(missing, layout="segment_anything")
     extra = dict(state_dict, **{"layers.0.extra.weight": np.zeros(3)})
     with pytest.raises(CheckpointMismatchError, match=r"unexpected .*layers\.0\.extra\.weight"):
-        convert_state_dict(extra, layout="segment_anything")
+        _jax(extra, layout="segment_anything")
     # segment_anything names are unexpected (and HF names missing) under the other layout.
     with pytest.raises(CheckpointMismatchError, match=r"layer_norm_final_attn\.weight"):
-        convert_state_dict(state_dict, layout="transformers")
+        _jax(state_dict, layout="transformers")
     with pytest.raises(ValueError, match="unknown checkpoint layout"):
-        convert_state_dict(state_dict, layout="timm")
+        key_rules("timm")

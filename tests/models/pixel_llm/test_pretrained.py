@@ -94,11 +94,11 @@ def test_public_checkpoints_fill_the_parts_as_the_standalone_loaders(tmp_path):
 
     load_pretrained(model, sam=sam_state, eva02=eva_state, language_model=folder)
 
-    standalone_sam = sam.load_sam(sam_state, variant="tiny", img_size=config.canvas_size)
-    standalone_eva = eva02.load(eva_state, eva02.Eva02(**config.eva02.to_dict(),
-                                                       rngs=nnx.Rngs(5)))
+    standalone_sam = sam.load_sam(sam_state, config=config.sam, img_size=config.canvas_size)
+    standalone_eva = eva02.load(eva02.Eva02(**config.eva02.to_dict(), rngs=nnx.Rngs(5)),
+                                eva_state, source="eva02")
     standalone_t5 = t5.T5(config.language_model.model, rngs=nnx.Rngs(6))
-    t5.load_hf_weights(standalone_t5, safetensors.numpy.load_file(
+    t5.load(standalone_t5, safetensors.numpy.load_file(
         str(folder / "model.safetensors")), source="t5")
     for part, standalone in ((model.sam, standalone_sam), (model.eva02, standalone_eva)):
         got, want = _flat(part), _flat(standalone)
