@@ -9,11 +9,11 @@
 `config.model` feeds `DecoderLM` (`DecoderConfig.from_mapping`); `config.family` names the
 transformers family whose checkpoints and tokenizer match.
 
-Sources for the full sizes: the published Hugging Face config.json files (meta-llama/Llama-3.2-1B,
-google/gemma-2b, google/gemma-2-2b, google/gemma-3-1b-pt) as reproduced from memory, cross-checked
-against transformers 5.24's config classes (Gemma2Config defaults are the 2B model;
-Gemma3TextConfig defaults are the 4B text model, not the 1B) and /work/shared/reference notes. Any
-value not printed by those classes is marked "(config.json)".
+Sources for the full sizes: the published Hugging Face `config.json` of each model (named above
+each entry below); every value of an entry, the family switches included, equals what
+`pixelllm.language.hf_config.language_model_config` reads from that file
+(`tests/language/test_hf_config.py` holds the files' values and checks it). Keys a file leaves
+out take transformers' config-class defaults, as transformers does (noted where it matters).
 
 LoRA: PixelLLM's official setting on T5 is rank 32 with a plain scale of 2 on q and v; with the
 PEFT scale alpha / rank that is alpha 64.
@@ -46,7 +46,7 @@ def _llama(**overrides) -> dict:
 
 def _gemma(**overrides) -> dict:
     values = dict(activation="gelu_tanh", norm_plus_one=True, scale_embeddings=True,
-                  tie_embeddings=True, norm_eps=1e-6, post_norms=False, qk_norm=False,
+                  tie_word_embeddings=True, norm_eps=1e-6, post_norms=False, qk_norm=False,
                   query_pre_attn_scalar=None, attn_logit_softcap=None, final_logit_softcap=None,
                   layer_types=None, sliding_window=None, rope_scaling=None, local_rope_theta=None)
     values.update(overrides)
@@ -57,24 +57,31 @@ _LLAMA3_SCALING = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, hig
                        original_max_position_embeddings=8192)
 
 _VARIANTS = {
-    # meta-llama/Llama-3.2-1B (config.json): tied, rms eps 1e-5, rope 5e5 with llama3 scaling.
+    # meta-llama/Llama-3.2-1B config.json: tie_word_embeddings true, rms_norm_eps 1e-5, head_dim 64,
+    # rope_theta 5e5 with rope_scaling llama3 (factor 32, low 1, high 4, original 8192),
+    # max_position_embeddings 131072.
     "llama3_2_1b": ("llama", _llama(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-        num_kv_heads=8, head_dim=64, norm_eps=1e-5, tie_embeddings=True, rope_theta=500_000.0,
+        num_kv_heads=8, head_dim=64, norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500_000.0,
         rope_scaling=_LLAMA3_SCALING, max_position_embeddings=131_072)),
-    # google/gemma-2b (config.json): multi-query attention (1 kv head), head_dim 256.
+    # google/gemma-2b config.json: multi-query attention (num_key_value_heads 1), head_dim 256,
+    # hidden_act "gelu" (transformers runs the tanh GELU for this legacy value), no
+    # tie_word_embeddings key (GemmaConfig ties by default).
     "gemma_2b": ("gemma", _gemma(
         vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_layers=18, num_heads=8,
         num_kv_heads=1, head_dim=256, rope_theta=10_000.0, max_position_embeddings=8192)),
-    # google/gemma-2-2b = transformers' Gemma2Config defaults.
+    # google/gemma-2-2b config.json: query_pre_attn_scalar 256, soft-caps attn 50 / final 30,
+    # sliding_window 4096 on every other layer starting with the first (no layer_types key:
+    # Gemma2Config's alternation), rope_theta 1e4, tied by default.
     "gemma2_2b": ("gemma2", _gemma(
         vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8,
         num_kv_heads=4, head_dim=256, post_norms=True, query_pre_attn_scalar=256,
         attn_logit_softcap=50.0, final_logit_softcap=30.0, layer_types=_gemma2_layer_types(26),
         sliding_window=4096, rope_theta=10_000.0, max_position_embeddings=8192)),
-    # google/gemma-3-1b-pt (config.json): vocab 262144 (the 4B+ multimodal models use 262208),
-    # 4 heads / 1 kv head of 256, window 512, pattern 6, rope 1e6 global / 1e4 local, no rope
-    # scaling (the 4B+ models add linear factor 8 on global layers), 32k context.
+    # google/gemma-3-1b-pt config.json: vocab 262144 (the 4B+ multimodal models use 262208),
+    # 4 heads / 1 kv head of 256, sliding_window 512, sliding_window_pattern 6, rope_theta 1e6 on
+    # global layers / rope_local_base_freq 1e4 on sliding ones, rope_scaling null (the 4B+ models
+    # add linear factor 8 on global layers), max_position_embeddings 32768.
     "gemma3_1b": ("gemma3", _gemma(
         vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4,
         num_kv_heads=1, head_dim=256, post_norms=True, qk_norm=True, query_pre_attn_scalar=256,
@@ -89,7 +96,7 @@ _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_heads=4,
              max_position_embeddings=131_072)
 _TINY_VARIANTS = {
     "tiny_llama": ("llama", _llama(
-        num_layers=2, head_dim=16, norm_eps=1e-5, tie_embeddings=False, rope_theta=500_000.0,
+        num_layers=2, head_dim=16, norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500_000.0,
         rope_scaling=_LLAMA3_SCALING, **_TINY)),
     "tiny_gemma": ("gemma", _gemma(num_layers=2, head_dim=32, rope_theta=10_000.0, **_TINY)),
     "tiny_gemma2": ("gemma2", _gemma(
@@ -117,6 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         model,
         lora=dict(rank=4 if tiny else 32, alpha=8.0 if tiny else 64.0, targets=("q", "v")),
-        frozen=True, dtype="float32", param_dtype="float32"))
+        frozen=True, dtype="float32", param_dtype="float32", remat="none",
+        # Stacked blocks run with nnx.scan: one compiled block, same values.
+        scan_layers=False))
     config.sharding = common.sharding_config()
+    config.lock()
     return config

@@ -9,7 +9,9 @@ Sizes are Hugging Face's published `config.json` of `google/flan-t5-{small,base,
 vocab 32128, 32 relative-position buckets up to distance 128, RMS-norm eps 1e-6, pad and decoder
 start 0, EOS 1. Flan-T5-XL also matches the official PixelLLM `flan_t5_xl` (scenic
 `projects/t5/model.py`). For the original T5 (`relu`, tied embeddings, `d_model ** -0.5` before
-the tied output projection) set `feed_forward_proj="relu"` and `tie_word_embeddings=True`.
+the tied output projection) set `feed_forward_proj="relu"`, `tie_word_embeddings=True` and
+`scale_decoder_outputs=True`; the two output switches are independent (transformers 5.x saves
+tied files whose config asks for no rescale).
 
 LoRA follows the official PixelLLM: rank 32 on `q` and `v` of the encoder self-, decoder self- and
 cross-attention with a plain scale of 2 on the update; the scale is `alpha / rank` (PEFT), so
@@ -21,7 +23,8 @@ import ml_collections
 
 from configs import common
 
-# (d_model, d_kv, d_ff, encoder layers = decoder layers, heads)
+# (d_model, d_kv, d_ff, encoder layers = decoder layers, heads) of google/flan-t5-<size>/config.json;
+# flan_t5_xl is checked against that file's values in tests/language/test_hf_config.py.
 _VARIANTS = {
     "flan_t5_small": (512, 64, 1024, 8, 6),
     "flan_t5_base": (768, 64, 2048, 12, 12),
@@ -61,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "layer_norm_epsilon": 1e-6,
         "feed_forward_proj": "gated-gelu",
         "tie_word_embeddings": False,
+        "scale_decoder_outputs": False,
         # Active only when rngs are passed to encode/decode; PixelLLM trains T5 with 0.1.
         "dropout_rate": 0.1,
         "pad_token_id": 0,
@@ -69,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "frozen": True,
         "dtype": "float32",
         "param_dtype": "float32",
+        # Rematerialization of every encoder/decoder layer (pixelllm/nn/remat.py policy names).
+        "remat": "none",
+        # Stacked layers run with nnx.scan: one compiled layer per stack, same values.
+        "scan_layers": False,
         "lora": {
             "rank": lora_rank,
             "alpha": _OFFICIAL_LORA_SCALE * lora_rank,
@@ -76,4 +84,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         },
     })
     config.sharding = common.sharding_config()
+    config.lock()
     return config

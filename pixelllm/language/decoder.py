@@ -18,6 +18,9 @@ local_rope_theta        -           -           - (shared)      1e4 (global 1e6)
 rope_scaling            llama3      none        none            linear (4B+)
 ======================  ==========  ==========  ==============  ================
 
+The model implements :class:`~pixelllm.language.interface.LanguageModel` (``forward``,
+``prefill``, ``decode_step``, ``add_token_rows``, ``load_hf_weights``).
+
 Visual tokens enter as a prefix of *embeddings*: ``embed(tokens)`` already includes Gemma's
 ``√D`` scale, and ``__call__(embeddings=...)`` takes the residual-stream input as is (no scale), so
 ``jnp.concatenate([visual_tokens, model.embed(tokens)], axis=1)`` leaves the visual tokens
@@ -33,6 +36,12 @@ reorder it with ``jnp.take(leaf, index, axis=0)``); ``S`` (max length) is static
      ...,
      "layer_{n-1}": {...}}
 
+With ``scan_layers`` the layers are one stacked leaf per tensor, the layer on axis 1 (the batch
+stays on axis 0)::
+
+    {"end_index": ..., "positions": ...,
+     "layers": {"k": [B, n, S, K, Dh], "v": [B, n, S, K, Dh]}}
+
 A call with ``L`` tokens writes them all at slots ``end_index[b] + j`` (slots past ``S`` are
 dropped), padding tokens with position -1, then advances ``end_index[b]`` by the number of valid
 tokens: within one call the valid tokens of a sequence must come first (right padding), and the
@@ -47,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -55,17 +64,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.checkpoints import assign as assign_lib
-from pixelllm.nn import lora
+from pixelllm.checkpoints import key_map
+from pixelllm.checkpoints.key_map import TRANSPOSE, Rule, prefixed
+from pixelllm.language import decoding
+from pixelllm.language.added_tokens import AddedTokens
+from pixelllm.language.interface import DecodeStart, TextOutput
+from pixelllm.nn import activations, lora
+from pixelllm.nn import remat as remat_lib
+from pixelllm.nn.lora import LoRASettings
+from pixelllm.nn.norms import RMSNorm
+from pixelllm.nn.stacked import stack_modules
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    # transformers' gelu_pytorch_tanh.
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -89,27 +101,6 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRASettings:
-    """Adapters on the projections named in ``targets`` (subset of :data:`LORA_TARGETS`);
-    ``rank`` 0 means none; scale ``alpha / rank`` (PEFT convention)."""
-    rank: int = 0
-    alpha: float = 1.0
-    targets: tuple[str, ...] = ("q", "v")
-
-    def __post_init__(self):
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {LORA_TARGETS}")
-
-    def rank_of(self, name: str) -> int:
-        return self.rank if name in self.targets else 0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     """Architecture of a decoder-only LM; see the module docstring for each family's switches.
 
@@ -119,6 +110,11 @@ class DecoderConfig:
     ``query_pre_attn_scalar``: attention logits are scaled by its ``-1/2`` power (``None``:
     ``head_dim``). ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype.
     ``max_position_embeddings`` is the pretrained context length (informative; nothing enforces it).
+    ``lora`` picks adapters among :data:`LORA_TARGETS`; ``remat`` is a policy name of
+    :mod:`pixelllm.nn.remat` applied to every block. ``scan_layers`` stores the blocks stacked
+    (parameters ``layers/...`` with a leading layer axis) and runs them with ``nnx.scan``, the
+    attention type of each layer given to the one scanned block as data: one compiled block
+    instead of ``num_layers``, same values.
     """
     vocab_size: int
     hidden_size: int
@@ -131,7 +127,7 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     norm_plus_one: bool = False
     scale_embeddings: bool = False
-    tie_embeddings: bool = False
+    tie_word_embeddings: bool = False
     post_norms: bool = False
     qk_norm: bool = False
     query_pre_attn_scalar: int | None = None
@@ -147,13 +143,16 @@ class DecoderConfig:
     frozen: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
+        self.lora.check_targets(LORA_TARGETS)
+        remat_lib.check_remat(self.remat)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        activations.activation(self.activation)
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         types = self.types
@@ -174,10 +173,7 @@ class DecoderConfig:
         """From a config mapping (e.g. ``configs/decoder_lm.py``'s ``config.model``) with nested
         ``lora`` and ``rope_scaling`` mappings; unknown keys raise ``TypeError``."""
         values = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
-        lora_values = dict(values.pop("lora", None) or {})
-        if "targets" in lora_values:
-            lora_values["targets"] = tuple(lora_values["targets"])
-        values["lora"] = LoRASettings(**lora_values)
+        values["lora"] = LoRASettings.from_mapping(values.pop("lora", None))
         scaling = values.get("rope_scaling")
         values["rope_scaling"] = RopeScaling(**scaling) if scaling else None
         if values.get("layer_types") is not None:
@@ -189,12 +185,21 @@ def as_config(config: DecoderConfig | Mapping[str, Any]) -> DecoderConfig:
     return config if isinstance(config, DecoderConfig) else DecoderConfig.from_mapping(config)
 
 
-class DecoderOutput(NamedTuple):
+class DecoderLMOutput(NamedTuple):
     """``logits``: float32 [B, L, V] (after the final soft-cap, if any); ``hidden``: [B, L, D]
-    after the final norm, in the compute dtype; ``cache``: the updated cache, or ``None``."""
+    after the final norm, in the compute dtype; ``cache``: the updated cache, or ``None``;
+    ``attention``: ``{layer: float32 [B, H, L, S]}`` post-softmax probabilities of the requested
+    layers over the ``S`` keys, or None."""
     logits: jax.Array
     hidden: jax.Array
     cache: dict | None
+    attention: dict[int, jax.Array] | None = None
+
+
+def valid_positions(mask: jax.Array) -> jax.Array:
+    """Positions that count valid inputs only: ``cumsum(mask) - 1`` (0 before the first).
+    ``mask: [B, L]`` -> int32 ``[B, L]``."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -241,25 +246,6 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-class RMSNorm(nnx.Module):
-    """RMS norm over the last axis in float32: ``(x̂ · w)`` cast back (Llama casts x̂ first), or
-    ``x̂ · (1 + w)`` then cast (Gemma; zero-initialised). ``x: [..., features]``."""
-
-    def __init__(self, features: int, *, eps: float, plus_one: bool, axis: str, frozen: bool,
-                 param_dtype: jnp.dtype):
-        self.eps, self.plus_one = eps, plus_one
-        init = jnp.zeros if plus_one else jnp.ones
-        self.scale = lora.weight(init((features,), param_dtype), (axis,), frozen=frozen)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = self.scale.get_value()
-        if self.plus_one:
-            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-        return normed.astype(x.dtype) * scale.astype(x.dtype)
-
-
 def _norm(config: DecoderConfig, features: int, axis: str = "embed") -> RMSNorm:
     return RMSNorm(features, eps=config.norm_eps, plus_one=config.norm_plus_one, axis=axis,
                    frozen=config.frozen, param_dtype=jnp.dtype(config.param_dtype))
@@ -277,9 +263,9 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional per-head q/k norms and logit soft-cap.
     ``x: [B, L, D] -> [B, L, D]``."""
 
-    def __init__(self, config: DecoderConfig, *, sliding: bool, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         c = config
-        self.config, self.sliding = c, sliding
+        self.config = c
         width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.q = _projection(c, "q", c.hidden_size, width, ("embed", "heads"), rngs)
         self.k = _projection(c, "k", c.hidden_size, kv_width, ("embed", "heads"), rngs)
@@ -288,10 +274,13 @@ class Attention(nnx.Module):
         self.q_norm = _norm(c, c.head_dim, "kv") if c.qk_norm else None
         self.k_norm = _norm(c, c.head_dim, "kv") if c.qk_norm else None
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
-                 slots: jax.Array | None, layer_cache: dict | None) -> tuple[jax.Array, dict | None]:
-        """``positions: [B, L]``; ``mask: [B, L, S]`` over the keys (the cache's ``S`` slots, or
-        the ``L`` inputs without a cache); ``slots: [B, L]`` cache slots to write."""
+    def __call__(self, x: jax.Array, *, positions: jax.Array, inv_freq: jax.Array,
+                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None
+                 ) -> tuple[jax.Array, dict | None, jax.Array]:
+        """``positions: [B, L]``; ``inv_freq: [Dh / 2]`` this layer's RoPE frequencies;
+        ``mask: [B, L, S]`` over the keys (the cache's ``S`` slots, or the ``L`` inputs without
+        a cache); ``slots: [B, L]`` cache slots to write. Returns the output, the updated layer
+        cache and the float32 probabilities ``[B, H, L, S]``."""
         c = self.config
         batch, length, _ = x.shape
         q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
@@ -299,10 +288,6 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.sliding and c.local_rope_theta is not None:
-            inv_freq = rope_inv_freq(c.head_dim, c.local_rope_theta, None)
-        else:
-            inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         new_cache = None
@@ -322,9 +307,9 @@ class Attention(nnx.Module):
                           c.attn_logit_softcap)
         # A finite fill keeps rows without any visible key (padding) free of NaNs.
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(batch, length, -1)
-        return self.o(out), new_cache
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v.dtype), v).reshape(batch, length, -1)
+        return self.o(out), new_cache, probs.reshape(batch, c.num_heads, length, -1)
 
 
 class MLP(nnx.Module):
@@ -332,39 +317,42 @@ class MLP(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         c = config
-        self.activation = c.activation
+        self.activation = activations.activation(c.activation)
         self.gate = _projection(c, "gate", c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs)
         self.up = _projection(c, "up", c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs)
         self.down = _projection(c, "down", c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+        return self.down(self.activation(self.gate(x)) * self.up(x))
 
 
 class DecoderBlock(nnx.Module):
     """Pre-norm block; with ``post_norms`` (Gemma 2/3) the attention and MLP outputs are normed
     again before their residual adds. ``x: [B, L, D] -> [B, L, D]``."""
 
-    def __init__(self, config: DecoderConfig, *, sliding: bool, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         c = config
         self.input_norm = _norm(c, c.hidden_size)
-        self.attn = Attention(c, sliding=sliding, rngs=rngs)
+        self.attn = Attention(c, rngs=rngs)
         self.post_attn_norm = _norm(c, c.hidden_size) if c.post_norms else None
         self.pre_ffw_norm = _norm(c, c.hidden_size)
         self.mlp = MLP(c, rngs=rngs)
         self.post_ffw_norm = _norm(c, c.hidden_size) if c.post_norms else None
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
-                 slots: jax.Array | None, layer_cache: dict | None) -> tuple[jax.Array, dict | None]:
-        h, new_cache = self.attn(self.input_norm(x), positions=positions, mask=mask, slots=slots,
-                                 layer_cache=layer_cache)
+    def __call__(self, x: jax.Array, *, positions: jax.Array, inv_freq: jax.Array,
+                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None
+                 ) -> tuple[jax.Array, dict | None, jax.Array]:
+        """Arguments as :class:`Attention`'s. Returns the output, the updated layer cache and the
+        attention probabilities."""
+        h, new_cache, probs = self.attn(self.input_norm(x), positions=positions, inv_freq=inv_freq,
+                                        mask=mask, slots=slots, layer_cache=layer_cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(self.pre_ffw_norm(x))
         if self.post_ffw_norm is not None:
             h = self.post_ffw_norm(h)
-        return x + h, new_cache
+        return x + h, new_cache, probs
 
 
 class DecoderLM(nnx.Module):
@@ -379,23 +367,50 @@ class DecoderLM(nnx.Module):
         self.embedding = lora.weight(
             nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.hidden_size), param_dtype),
             ("vocab", "embed"), frozen=c.frozen)
-        self.layers = nnx.List([DecoderBlock(c, sliding=t == SLIDING_ATTENTION, rngs=rngs)
-                                for t in c.types])
+        blocks = [DecoderBlock(c, rngs=rngs) for _ in range(c.num_layers)]
+        # Built one by one either way, so both layouts start from the same weights.
+        self.layers = stack_modules(blocks) if c.scan_layers else nnx.List(blocks)
         self.final_norm = _norm(c, c.hidden_size)
-        self.lm_head = None if c.tie_embeddings else lora.weight(
+        self.lm_head = None if c.tie_word_embeddings else lora.weight(
             nnx.initializers.lecun_normal()(rngs.params(), (c.hidden_size, c.vocab_size), param_dtype),
             ("embed", "vocab"), frozen=c.frozen)
+        # Data (not static) although None until add_token_rows fills it.
+        self.added_tokens: AddedTokens | None = nnx.data(None)
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> DecoderLM:
         """From the ``model`` field of ``configs/decoder_lm.py``."""
         return cls(model_config, rngs=rngs)
 
-    def embed(self, tokens: jax.Array) -> jax.Array:
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size + (self.added_tokens.count if self.added_tokens else 0)
+
+    def add_token_rows(self, count: int) -> int:
+        """``count`` new trainable token rows (and output columns when untied); returns the first
+        new id. The pretrained embedding and head are left as they are."""
+        first = self.vocab_size
+        self.added_tokens = AddedTokens.extend(
+            self.added_tokens, count, base_embedding=self.embedding.get_value(),
+            base_head=None if self.lm_head is None else self.lm_head.get_value())
+        return first
+
+    def embed(self, tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Token embeddings ``[B, L] -> [B, L, D]`` in the compute dtype, with Gemma's ``√D`` scale
-        (the constant rounded to float32, then to the compute dtype, as transformers)."""
+        (the constant rounded to float32, then to the compute dtype, as transformers).
+        ``rngs`` is accepted for the interface: this model has no dropout."""
+        del rngs
         dtype = jnp.dtype(self.config.dtype)
-        x = jnp.take(self.embedding.get_value(), tokens, axis=0).astype(dtype)
+        table = self.embedding.get_value()
+        if self.added_tokens is None:
+            x = jnp.take(table, tokens, axis=0)
+        else:
+            x = self.added_tokens.embed(table, tokens)
+        x = x.astype(dtype)
         if self.config.scale_embeddings:
             x = x * jnp.asarray(np.float32(math.sqrt(self.config.hidden_size)), dtype)
         return x
@@ -408,6 +423,11 @@ class DecoderLM(nnx.Module):
         kv_shape = (batch_size, max_length, c.num_kv_heads, c.head_dim)
         cache = {"end_index": jnp.zeros((batch_size,), jnp.int32),
                  "positions": jnp.full((batch_size, max_length), -1, jnp.int32)}
+        if c.scan_layers:
+            stacked = (batch_size, c.num_layers, *kv_shape[1:])
+            # Separate buffers per leaf, so a jitted step may donate the cache.
+            cache["layers"] = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+            return cache
         for i in range(c.num_layers):
             cache[f"layer_{i}"] = {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype)}
         return cache
@@ -417,13 +437,15 @@ class DecoderLM(nnx.Module):
         """The logical axis names of every cache leaf (same tree), to shard the cache with
         :func:`pixelllm.sharding.array_shardings` like the keys/values that fill it."""
         kv = ("batch", "length", "heads", "kv")
-        return {name: ({"k": kv, "v": kv} if name.startswith("layer_")
-                       else ("batch",) if name == "end_index" else ("batch", "length"))
-                for name in cache}
+        # Stacked (scanned) layers carry the layer on axis 1, never sharded.
+        layer_axes = lambda leaf: kv if leaf.ndim == len(kv) else ("batch", None, *kv[1:])
+        return {name: (("batch",) if name == "end_index" else ("batch", "length")
+                       if name == "positions" else jax.tree.map(layer_axes, value))
+                for name, value in cache.items()}
 
     def __call__(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
-                 positions: jax.Array, input_mask: jax.Array,
-                 cache: dict | None = None) -> DecoderOutput:
+                 positions: jax.Array, input_mask: jax.Array, cache: dict | None = None,
+                 attention_layers: Sequence[int] = ()) -> DecoderLMOutput:
         """Runs the model over ``L`` new inputs.
 
         Args:
@@ -433,10 +455,12 @@ class DecoderLM(nnx.Module):
             ``cache["end_index"][:, None]`` for the next token.
           input_mask: bool [B, L], False on padding (valid tokens first when a cache is given).
           cache: from :meth:`init_cache` or a previous call; None attends within the inputs only.
+          attention_layers: layers whose attention probabilities are returned.
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens and embeddings")
         c = self.config
+        _check_layers(attention_layers, c.num_layers)
         x = self.embed(tokens) if tokens is not None else embeddings.astype(jnp.dtype(c.dtype))
         batch, length = x.shape[:2]
         positions = positions.astype(jnp.int32)
@@ -451,109 +475,228 @@ class DecoderLM(nnx.Module):
         masks = {t: attention_mask(positions, key_positions,
                                    c.sliding_window if t == SLIDING_ATTENTION else None)
                  for t in set(c.types)}
+        inv_freqs = {t: jnp.asarray(self._rope_inv_freq(t)) for t in set(c.types)}
 
         new_cache = None if cache is None else {
             "end_index": cache["end_index"] + input_mask.sum(axis=-1, dtype=jnp.int32),
             "positions": key_positions}
-        for i, (layer, layer_type) in enumerate(zip(self.layers, c.types)):
-            x, layer_cache = layer(x, positions=positions, mask=masks[layer_type], slots=slots,
-                                   layer_cache=None if cache is None else cache[f"layer_{i}"])
+        block = remat_lib.remat(
+            lambda layer, x, mask, inv_freq, layer_cache: layer(
+                x, positions=positions, inv_freq=inv_freq, mask=mask, slots=slots,
+                layer_cache=layer_cache),
+            c.remat)
+        if c.scan_layers:
+            x, layers_cache, attention = self._scan_blocks(
+                block, x, masks, inv_freqs, None if cache is None else cache["layers"],
+                attention_layers)
             if new_cache is not None:
-                new_cache[f"layer_{i}"] = layer_cache
+                new_cache["layers"] = layers_cache
+        else:
+            attention = {}
+            for i, (layer, layer_type) in enumerate(zip(self.layers, c.types)):
+                x, layer_cache, probs = block(layer, x, masks[layer_type], inv_freqs[layer_type],
+                                              None if cache is None else cache[f"layer_{i}"])
+                if new_cache is not None:
+                    new_cache[f"layer_{i}"] = layer_cache
+                if i in attention_layers:
+                    attention[i] = probs
         hidden = self.final_norm(x)
+        return DecoderLMOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
+                               attention=attention or None)
 
+    def _rope_inv_freq(self, layer_type: str) -> np.ndarray:
+        """RoPE inverse frequencies ``[Dh / 2]`` of a layer type: Gemma 3's sliding layers use
+        unscaled RoPE with ``local_rope_theta``."""
+        c = self.config
+        if layer_type == SLIDING_ATTENTION and c.local_rope_theta is not None:
+            return rope_inv_freq(c.head_dim, c.local_rope_theta, None)
+        return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+
+    def _scan_blocks(self, block, x: jax.Array, masks: dict[str, jax.Array],
+                     inv_freqs: dict[str, jax.Array], layers_cache: dict | None,
+                     attention_layers: Sequence[int]
+                     ) -> tuple[jax.Array, dict | None, dict[int, jax.Array]]:
+        """The stacked blocks under ``nnx.scan``. Each layer's attention type enters as a bool
+        (sliding or not) picking its mask and RoPE frequencies. The stacked cache ``{"k", "v":
+        [B, n, S, K, Dh]}`` is carried whole and each layer reads and writes its own slice, so
+        the cache is updated in place instead of being moved to a layer-major copy and back."""
+        sliding = jnp.asarray([t == SLIDING_ATTENTION for t in self.config.types])
+        keep_probs = bool(attention_layers)
+
+        def of_type(values: dict[str, jax.Array], is_sliding: jax.Array) -> jax.Array:
+            if len(values) == 1:
+                return next(iter(values.values()))
+            return jnp.where(is_sliding, values[SLIDING_ATTENTION], values[FULL_ATTENTION])
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        def run_stack(carry, layer, is_sliding, index):
+            x, kv = carry
+            layer_cache = None if kv is None else {
+                name: jax.lax.dynamic_index_in_dim(value, index, axis=1, keepdims=False)
+                for name, value in kv.items()}
+            x, layer_cache, probs = block(layer, x, of_type(masks, is_sliding),
+                                          of_type(inv_freqs, is_sliding), layer_cache)
+            if kv is not None:
+                kv = {name: jax.lax.dynamic_update_index_in_dim(value, layer_cache[name], index,
+                                                                axis=1)
+                      for name, value in kv.items()}
+            return (x, kv), (probs if keep_probs else None)
+
+        (x, layers_cache), probs = run_stack(
+            (x, layers_cache), self.layers, sliding,
+            jnp.arange(self.config.num_layers, dtype=jnp.int32))
+        return x, layers_cache, {i: probs[i] for i in attention_layers}
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., D]`` (after the final norm) -> float32 ``[..., V]`` after the final
+        soft-cap, added tokens last."""
         if self.lm_head is None:
-            logits = jnp.einsum("bld,vd->blv", hidden, self.embedding.get_value().astype(hidden.dtype),
+            logits = jnp.einsum("...d,vd->...v", hidden,
+                                self.embedding.get_value().astype(hidden.dtype),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head.get_value().astype(hidden.dtype),
+            logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head.get_value().astype(hidden.dtype),
                                 preferred_element_type=jnp.float32)
-        return DecoderOutput(logits=_softcap(logits, c.final_logit_softcap), hidden=hidden,
-                             cache=new_cache)
+        if self.added_tokens is not None:
+            logits = jnp.concatenate([logits, self.added_tokens.logits(hidden)], axis=-1)
+        return _softcap(logits, self.config.final_logit_softcap)
+
+    # ------------------------------------------------------------------ LanguageModel
+
+    def forward(self, *, prefix: jax.Array, prefix_mask: jax.Array, tokens: jax.Array,
+                token_mask: jax.Array, rngs: nnx.Rngs | None = None,
+                attention_layers: Sequence[int] = ()) -> TextOutput:
+        """Teacher forcing over ``[prefix | text]`` (see
+        :class:`~pixelllm.language.interface.LanguageModel`); positions count valid inputs only.
+        ``rngs`` is accepted for the interface: this model has no dropout."""
+        del rngs
+        text = self.embed(tokens)
+        sequence = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
+        mask = jnp.concatenate([prefix_mask.astype(bool), token_mask.astype(bool)], axis=1)
+        out = self(embeddings=sequence, positions=valid_positions(mask), input_mask=mask,
+                   attention_layers=attention_layers)
+        start = prefix.shape[1]
+        attention = None if out.attention is None else {
+            layer: probs[:, :, start:] for layer, probs in out.attention.items()}
+        return TextOutput(out.logits[:, start:], out.hidden[:, start:], attention)
+
+    def prefill(self, *, prefix: jax.Array, prefix_mask: jax.Array, bos_id: int,
+                max_new_tokens: int) -> DecodeStart:
+        """Prefills a cache of ``P + 1 + max_new_tokens`` slots with ``prefix [N, P, D]`` and BOS.
+        The prefix is compacted first (valid inputs moved to the front, order kept) because the
+        cache takes right-padded inputs."""
+        n = prefix.shape[0]
+        prefix_mask = prefix_mask.astype(bool)
+        order = jnp.argsort(~prefix_mask, axis=1, stable=True)
+        compact = jnp.take_along_axis(prefix, order[..., None], axis=1)
+        compact_mask = jnp.take_along_axis(prefix_mask, order, axis=1)
+        lengths = compact_mask.sum(axis=1, dtype=jnp.int32)
+        cache = self.init_cache(n, prefix.shape[1] + 1 + max_new_tokens)
+        out = self(embeddings=compact, positions=valid_positions(compact_mask),
+                   input_mask=compact_mask, cache=cache)
+        out = self(tokens=jnp.full((n, 1), bos_id, jnp.int32), positions=lengths[:, None],
+                   input_mask=jnp.ones((n, 1), bool), cache=out.cache)
+        return DecodeStart(out.cache, out.logits[:, 0], lengths + 1, out.hidden[:, 0])
+
+    def decode_step(self, tokens: jax.Array, positions: jax.Array,
+                    cache: dict) -> tuple[jax.Array, jax.Array, dict]:
+        return decoding.cached_step(self)(tokens, positions, cache)
+
+    def load_hf_weights(self, state_dict: Mapping[str, np.ndarray], *, source: str) -> DecoderLM:
+        return load(self, state_dict, source=source)
+
+
+def _check_layers(layers: Sequence[int], num_layers: int) -> None:
+    bad = sorted(set(layers) - set(range(num_layers)))
+    if bad:
+        raise ValueError(f"attention_layers {bad} out of range for {num_layers} layers")
 
 
 # ----------------------------------------------------------------------------------------------
 # Hugging Face checkpoints.
 
-# Where the text model sits in a state dict: CausalLM files, Gemma 3 multimodal files as saved by
-# transformers 4.5x and as named by 5.x, and bare base-model files.
-_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
+
+@dataclasses.dataclass(frozen=True)
+class _TextLayout:
+    """Where the text model sits in a state dict: the prefix of its keys, the key of its output
+    projection, and what else the file holds that is not loaded."""
+    prefix: str
+    head: str
+    drop: tuple[str, ...] = ()
 
 
-def _hf_layout(config: DecoderConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:
-    """``{hf key without prefix: (nnx path, hf shape, transpose)}`` for the base weights."""
-    c = config
-    d, width, kv_width = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    layout = {"embed_tokens.weight": ("embedding", (c.vocab_size, d), False),
-              "norm.weight": ("final_norm/scale", (d,), False)}
-    for i in range(c.num_layers):
-        hf, ours = f"layers.{i}.", f"layers/{i}/"
-        for name, out_features, in_features in (("q", width, d), ("k", kv_width, d),
-                                                ("v", kv_width, d), ("o", d, width)):
-            layout[f"{hf}self_attn.{name}_proj.weight"] = (
-                f"{ours}attn/{name}/kernel", (out_features, in_features), True)
-        for name, out_features, in_features in (("gate", c.intermediate_size, d),
-                                                ("up", c.intermediate_size, d),
-                                                ("down", d, c.intermediate_size)):
-            layout[f"{hf}mlp.{name}_proj.weight"] = (
-                f"{ours}mlp/{name}/kernel", (out_features, in_features), True)
-        norms = {"input_layernorm": "input_norm"}
-        if c.post_norms:
-            norms.update(post_attention_layernorm="post_attn_norm",
-                         pre_feedforward_layernorm="pre_ffw_norm",
-                         post_feedforward_layernorm="post_ffw_norm")
-        else:
-            # Llama/Gemma 1 call their pre-MLP norm "post_attention_layernorm".
-            norms.update(post_attention_layernorm="pre_ffw_norm")
-        for hf_name, our_name in norms.items():
-            layout[f"{hf}{hf_name}.weight"] = (f"{ours}{our_name}/scale", (d,), False)
-        if c.qk_norm:
-            for name in ("q", "k"):
-                layout[f"{hf}self_attn.{name}_norm.weight"] = (
-                    f"{ours}attn/{name}_norm/scale", (c.head_dim,), False)
-    return layout
+# CausalLM files; Gemma 3 multimodal files as named by transformers 5.x and as saved by 4.5x
+# (their vision tower and projector are not part of the language model); bare base-model files.
+_TEXT_LAYOUTS = (
+    _TextLayout("model.", "lm_head.weight"),
+    _TextLayout("model.language_model.", "lm_head.weight",
+                ("model.vision_tower.*", "model.multi_modal_projector.*")),
+    _TextLayout("language_model.model.", "language_model.lm_head.weight",
+                ("vision_tower.*", "multi_modal_projector.*")),
+    _TextLayout("", "lm_head.weight"),
+)
+# HF module -> ours, within a layer.
+_PROJECTIONS = (("self_attn.q_proj", "attn/q"), ("self_attn.k_proj", "attn/k"),
+                ("self_attn.v_proj", "attn/v"), ("self_attn.o_proj", "attn/o"),
+                ("mlp.gate_proj", "mlp/gate"), ("mlp.up_proj", "mlp/up"),
+                ("mlp.down_proj", "mlp/down"))
+_NORMS = (("input_layernorm", "input_norm"), ("self_attn.q_norm", "attn/q_norm"),
+          ("self_attn.k_norm", "attn/k_norm"))
+# Gemma 2/3 norm both sides of each sub-layer; Llama and Gemma 1 have one norm before the MLP,
+# which they call "post_attention_layernorm".
+_POST_NORMS = (("post_attention_layernorm", "post_attn_norm"),
+               ("pre_feedforward_layernorm", "pre_ffw_norm"),
+               ("post_feedforward_layernorm", "post_ffw_norm"))
+_PRE_MLP_NORM = (("post_attention_layernorm", "pre_ffw_norm"),)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DecoderConfig | Mapping[str, Any],
-                       *, dtype: Any = np.float32, source: str = "state dict") -> dict[str, np.ndarray]:
-    """Hugging Face Llama/Gemma/Gemma 2/Gemma 3 weights -> ``{nnx path: array}`` (base weights).
+def _text_layout(state_dict: Mapping[str, np.ndarray]) -> _TextLayout:
+    """The layout whose embedding key the file holds (CausalLM's when none does)."""
+    return next((layout for layout in _TEXT_LAYOUTS
+                 if f"{layout.prefix}embed_tokens.weight" in state_dict), _TEXT_LAYOUTS[0])
+
+
+def key_rules(config: DecoderConfig, state_dict: Mapping[str, np.ndarray]
+              ) -> tuple[list[Rule], list[str]]:
+    """The key map from a Hugging Face Llama/Gemma/Gemma 2/Gemma 3 file to a :class:`DecoderLM`'s
+    base weights: ``(rules, drop patterns)`` for :mod:`pixelllm.checkpoints.key_map`.
+
+    The text model's prefix is read from the file (see ``_TEXT_LAYOUTS``). A tied model takes
+    the output projection's key, when present, as a copy of the embedding that must equal it
+    (torch's ``state_dict()`` lists the shared tensor under both names).
+    """
+    layout = _text_layout(state_dict)
+    norms = _NORMS + (_POST_NORMS if config.post_norms else _PRE_MLP_NORM)
+    layer = [Rule(f"{hf}.weight", f"{ours}/kernel", TRANSPOSE) for hf, ours in _PROJECTIONS]
+    layer += [Rule(f"{hf}.weight", f"{ours}/scale") for hf, ours in norms]
+    rules = [Rule("embed_tokens.weight", "embedding"), Rule("norm.weight", "final_norm/scale")]
+    rules = prefixed(rules + prefixed(layer, source="layers.{i}.", target="layers/{i}/"),
+                     source=layout.prefix)
+    rules.append(Rule(layout.head, "embedding") if config.tie_word_embeddings
+                 else Rule(layout.head, "lm_head", TRANSPOSE))
+    return rules, list(layout.drop)
+
+
+def _tie_hint(config: DecoderConfig, state_dict: Mapping[str, np.ndarray]) -> str | None:
+    head = _text_layout(state_dict).head
+    if config.tie_word_embeddings or head in state_dict:
+        return None
+    return f"the file has no {head}: this looks like a tied model (tie_word_embeddings=True)"
+
+
+def load(module: DecoderLM, state_dict: Mapping[str, np.ndarray], *, source: str) -> DecoderLM:
+    """Fills ``module``'s frozen base weights (in place, strictly) from a Hugging Face
+    Llama/Gemma/Gemma 2/Gemma 3 state dict; returns it.
 
     Accepts ``model.*`` (CausalLM), ``model.language_model.*`` / ``language_model.model.*``
-    (Gemma 3 multimodal; drop the vision keys first) and prefix-less base-model keys. torch Linear
-    ``(out, in)`` kernels are transposed to ``(in, out)``; arrays are cast to ``dtype``. A tied
-    model accepts an ``lm_head.weight`` only when it equals the embedding (torch ``state_dict()``
-    lists the shared tensor twice). Raises :class:`CheckpointMismatchError` naming every missing,
-    unexpected or mis-shaped key. LoRA factors are not in these files.
+    (Gemma 3 multimodal; the vision tower and projector are skipped) and prefix-less base-model
+    keys. torch Linear ``(out, in)`` weights become kernels ``(in, out)``; values are cast to
+    each parameter's dtype. LoRA factors and added token rows are not in these files and keep
+    their values. With ``scan_layers`` the file's layers are converted one by one and stacked.
+    A mismatch raises :class:`~pixelllm.checkpoints.assign.CheckpointMismatchError`
+    naming ``source`` and the file's keys, and leaves the model as it was.
     """
-    c = as_config(config)
-    prefix = next((p for p in _TEXT_PREFIXES if f"{p}embed_tokens.weight" in state_dict), "model.")
-    head_key = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
-    layout = _hf_layout(c)
-    expected = {prefix + k: shape for k, (_, shape, _) in layout.items()}
-    if not c.tie_embeddings:
-        expected[head_key] = (c.vocab_size, c.hidden_size)
-    found = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-    embed_key = prefix + "embed_tokens.weight"
-    if (c.tie_embeddings and head_key in found and embed_key in found
-            and found[head_key] == found[embed_key]
-            and np.array_equal(state_dict[head_key], state_dict[embed_key])):
-        del found[head_key]
-    assign_lib.check_keys(source=source, expected=expected, found=found, what="Hugging Face keys")
-
-    def convert(key, transpose):
-        array = np.asarray(state_dict[key])
-        return (array.T if transpose else array).astype(dtype, copy=False)
-
-    arrays = {path: convert(prefix + k, transpose) for k, (path, _, transpose) in layout.items()}
-    if not c.tie_embeddings:
-        arrays["lm_head"] = convert(head_key, True)
-    return arrays
-
-
-def load_hf_weights(model: DecoderLM, state_dict: Mapping[str, np.ndarray], *,
-                    source: str) -> DecoderLM:
-    """Loads Hugging Face base weights into ``model`` in place, strictly (every base weight once,
-    right shapes); LoRA factors keep their values. Returns the model."""
-    arrays = convert_state_dict(state_dict, model.config, dtype=jnp.dtype(model.config.param_dtype),
-                                source=source)
-    return assign_lib.assign(model, arrays, source=source, wrt=lora.BASE_WEIGHTS)
+    rules, drop = key_rules(module.config, state_dict)
+    return key_map.load(module, state_dict, rules, source=source, drop=drop,
+                        hint=_tie_hint(module.config, state_dict), wrt=lora.BASE_WEIGHTS,
+                        stacked=("layers",) if module.config.scan_layers else ())

@@ -15,13 +15,16 @@ anything per-sequence the step needs (a T5 encoder output and its mask, say) mus
 so that it follows the beams.
 
 The caller prefills: it runs the prompt through the model once and hands over the cache, the
-logits for the first new token ``[B, V]`` and the position of the first new token ``[B]``. Each
+logits for the first new token ``[B, V]`` and the position of the first new token ``[B]``;
+:func:`generate` does that for any :class:`~pixelllm.language.interface.LanguageModel`, starting
+from prefix embeddings (its ``prefill`` and ``decode_step``). Each
 loop iteration picks token ``t`` for every sequence, then feeds it (so the cache ends holding every
 generated token and ``hidden[:, t]`` is the state *of* token ``t``, the one that predicts
 ``t + 1``): the cache needs room for ``prompt + max_new_tokens`` tokens.
 
 A sequence that emits ``eos_id`` is done: its later tokens are ``pad_id`` and what the model does
-with it no longer matters; the loop stops once every sequence is done. Outputs
+with it no longer matters; the loop stops once every sequence is done. With ``eos_id=None``
+nothing ends a sequence: every loop runs exactly ``max_new_tokens`` steps. Outputs
 (:class:`DecodeOutput`): ``tokens`` include the EOS, ``lengths`` count it, ``hidden`` is zero at
 EOS and padding (PixelLLM reads points from word tokens only).
 """
@@ -33,6 +36,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pixelllm.language.interface import LanguageModel
 
 PyTree = Any
 StepFn = Callable[[jax.Array, jax.Array, PyTree], tuple[jax.Array, jax.Array, PyTree]]
@@ -46,11 +51,51 @@ class DecodeOutput(NamedTuple):
     ``lengths``: int32 [B] tokens generated, EOS included; ``scores``: float32 [B] (greedy and
     sampling: summed log-probability, see :func:`sample_decode`; beam search: the length-penalised
     score); ``hidden``: [B, T, D] hidden state of each generated token (zero at EOS and padding),
-    or None. :func:`beam_search` with ``return_all_beams`` adds a beam axis after B."""
+    or None. :func:`beam_search` with ``return_all_beams`` adds a beam axis after B.
+    ``start_hidden``: [B, D] the hidden state of BOS, which emits the first token (set by
+    :func:`generate` with ``return_hidden``; None otherwise)."""
     tokens: jax.Array
     lengths: jax.Array
     scores: jax.Array
     hidden: jax.Array | None
+    start_hidden: jax.Array | None = None
+
+
+class _SampleState(NamedTuple):
+    """The loop state of :func:`sample_decode`: step ``t``; ``tokens [B, T]`` and ``hidden
+    [B, T, D]`` (or None) so far; ``done``, ``lengths``, ``scores`` per sequence ``[B]``; the
+    ``previous`` token [B] (for the repeat rule); the ``logits [B, V]`` of the next token; cache."""
+    t: jax.Array
+    tokens: jax.Array
+    hidden: jax.Array | None
+    done: jax.Array
+    lengths: jax.Array
+    scores: jax.Array
+    previous: jax.Array
+    logits: jax.Array
+    cache: PyTree
+
+
+class _BeamState(NamedTuple):
+    """The loop state of :func:`beam_search`, per batch element and beam ``[B, beams, ...]``: the
+    alive hypotheses (tokens, hidden states or None, summed log-probabilities), the finished ones
+    (tokens, hidden, length-penalised scores, lengths), the alive beams' next-token ``logits
+    [B * beams, V]`` and their cache."""
+    t: jax.Array
+    alive_tokens: jax.Array
+    alive_hidden: jax.Array | None
+    alive_log_probs: jax.Array
+    fin_tokens: jax.Array
+    fin_hidden: jax.Array | None
+    fin_scores: jax.Array
+    fin_lengths: jax.Array
+    logits: jax.Array
+    cache: PyTree
+
+
+def _is_eos(token: jax.Array, eos_id: int | None) -> jax.Array:
+    """Where ``token`` ends its sequence; nowhere when decoding a fixed number of tokens."""
+    return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
 
 
 def cached_step(model: Callable[..., Any]) -> StepFn:
@@ -60,6 +105,18 @@ def cached_step(model: Callable[..., Any]) -> StepFn:
     def step(tokens, positions, cache):
         out = model(tokens=tokens[:, None], positions=positions[:, None],
                     input_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache)
+        return out.logits[:, 0], out.hidden[:, 0], out.cache
+
+    return step
+
+
+def encoder_decoder_step(model: Any) -> StepFn:
+    """The step function of an encoder-decoder model with a KV cache (``T5.decode``'s signature;
+    the encoder output's cross-attention keys and values live in the cache): one token per
+    sequence through ``model.decode(..., cache=cache)``."""
+
+    def step(tokens, positions, cache):
+        out = model.decode(tokens=tokens[:, None], positions=positions[:, None], cache=cache)
         return out.logits[:, 0], out.hidden[:, 0], out.cache
 
     return step
@@ -119,7 +176,7 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
 
 def greedy_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
-                  max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                  max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
                   return_hidden: bool = False, suppress_repeat: bool = False,
                   last_tokens: jax.Array | None = None) -> DecodeOutput:
     """Greedy decoding: :func:`sample_decode` at temperature 0 (see there for the arguments)."""
@@ -130,7 +187,7 @@ def greedy_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, c
 
 
 def sample_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
-                  rng: jax.Array | None, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                  rng: jax.Array | None, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   return_hidden: bool = False, suppress_repeat: bool = False,
                   last_tokens: jax.Array | None = None) -> DecodeOutput:
@@ -176,45 +233,47 @@ def sample_decode(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, c
         filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
         return jax.random.categorical(jax.random.fold_in(rng, t), filtered).astype(jnp.int32)
 
-    def body(state):
-        t, tokens, hidden_buf, done, lengths, scores, previous, logits, cache = state
+    def body(s: _SampleState) -> _SampleState:
+        logits = s.logits
         if suppress_repeat:
-            is_previous = jnp.arange(vocab)[None] == previous[:, None]
+            is_previous = jnp.arange(vocab)[None] == s.previous[:, None]
             logits = jnp.where(is_previous, jnp.minimum(logits, _REPEAT_LOGIT), logits)
-        token = jnp.where(done, pad_id, choose(logits, t))
+        token = jnp.where(s.done, pad_id, choose(logits, s.t))
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
-        scores = scores + jnp.where(done, 0.0, log_prob)
-        lengths = lengths + (~done).astype(jnp.int32)
-        tokens = tokens.at[:, t].set(token)
-        word = ~done & (token != eos_id)
-        logits, hidden, cache = step_fn(token, positions + t, cache)
+        word = ~s.done & ~_is_eos(token, eos_id)
+        next_logits, hidden, cache = step_fn(token, positions + s.t, s.cache)
+        hidden_buf = s.hidden
         if hidden_buf is not None:
-            hidden_buf = hidden_buf.at[:, t].set(jnp.where(word[:, None], hidden, 0))
-        done = done | (token == eos_id)
-        return (t + 1, tokens, hidden_buf, done, lengths, scores, token,
-                logits.astype(jnp.float32), cache)
+            hidden_buf = hidden_buf.at[:, s.t].set(jnp.where(word[:, None], hidden, 0))
+        return _SampleState(
+            t=s.t + 1, tokens=s.tokens.at[:, s.t].set(token), hidden=hidden_buf,
+            done=s.done | _is_eos(token, eos_id),
+            lengths=s.lengths + (~s.done).astype(jnp.int32),
+            scores=s.scores + jnp.where(s.done, 0.0, log_prob), previous=token,
+            logits=next_logits.astype(jnp.float32), cache=cache)
 
-    def cond(state):
-        t, done = state[0], state[3]
-        return (t < steps) & ~jnp.all(done)
+    def cond(s: _SampleState) -> jax.Array:
+        return (s.t < steps) & ~jnp.all(s.done)
 
-    init = (jnp.int32(0),
-            jnp.full((batch, steps), pad_id, jnp.int32),
-            None if hidden_spec is None else jnp.zeros((batch, steps) + hidden_spec.shape[1:],
-                                                       hidden_spec.dtype),
-            jnp.zeros((batch,), bool),
-            jnp.zeros((batch,), jnp.int32),
-            jnp.zeros((batch,), jnp.float32),
-            (jnp.zeros((batch,), jnp.int32) if last_tokens is None
-             else last_tokens.astype(jnp.int32)),
-            logits.astype(jnp.float32),
-            cache)
-    _, tokens, hidden, _, lengths, scores, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return DecodeOutput(tokens=tokens, lengths=lengths, scores=scores, hidden=hidden)
+    init = _SampleState(
+        t=jnp.int32(0),
+        tokens=jnp.full((batch, steps), pad_id, jnp.int32),
+        hidden=None if hidden_spec is None else jnp.zeros(
+            (batch, steps) + hidden_spec.shape[1:], hidden_spec.dtype),
+        done=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        scores=jnp.zeros((batch,), jnp.float32),
+        previous=(jnp.zeros((batch,), jnp.int32) if last_tokens is None
+                  else last_tokens.astype(jnp.int32)),
+        logits=logits.astype(jnp.float32),
+        cache=cache)
+    final = jax.lax.while_loop(cond, body, init)
+    return DecodeOutput(tokens=final.tokens, lengths=final.lengths, scores=final.scores,
+                        hidden=final.hidden)
 
 
 def beam_search(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cache: PyTree,
-                beam_size: int, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                beam_size: int, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
                 alpha: float | jax.Array = 0.6, return_hidden: bool = False,
                 return_all_beams: bool = False) -> DecodeOutput:
     """Beam search with the official PixelLLM / T5X scoring.
@@ -257,25 +316,26 @@ def beam_search(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cac
         """``x: [B, M, ...]``, ``index: [B, M']`` -> ``[B, M', ...]``."""
         return None if x is None else x[rows, index]
 
-    def body(state):
-        (t, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden, fin_scores,
-         fin_lengths, logits, cache) = state
-        log_probs = jax.nn.log_softmax(logits).reshape(batch, beams, vocab)
-        log_probs = (log_probs + alive_log_probs[..., None]).reshape(batch, beams * vocab)
+    def body(s: _BeamState) -> _BeamState:
+        t = s.t
+        log_probs = jax.nn.log_softmax(s.logits).reshape(batch, beams, vocab)
+        log_probs = (log_probs + s.alive_log_probs[..., None]).reshape(batch, beams * vocab)
         cand_log_probs, flat_index = jax.lax.top_k(log_probs, candidates)
         parent, token = flat_index // vocab, (flat_index % vocab).astype(jnp.int32)
-        cand_tokens = gather(alive_tokens, parent).at[:, :, t].set(token)
-        is_eos = token == eos_id
+        cand_tokens = gather(s.alive_tokens, parent).at[:, :, t].set(token)
+        is_eos = _is_eos(token, eos_id)
 
         finished = is_eos & (cand_log_probs > -jnp.inf)
         cand_scores = jnp.where(finished, cand_log_probs / brevity_penalty(t + 1, alpha), -jnp.inf)
-        fin_scores, keep = jax.lax.top_k(jnp.concatenate([fin_scores, cand_scores], axis=1), beams)
-        fin_tokens = gather(jnp.concatenate([fin_tokens, cand_tokens], axis=1), keep)
+        fin_scores, keep = jax.lax.top_k(jnp.concatenate([s.fin_scores, cand_scores], axis=1),
+                                         beams)
+        fin_tokens = gather(jnp.concatenate([s.fin_tokens, cand_tokens], axis=1), keep)
         fin_lengths = gather(jnp.concatenate(
-            [fin_lengths, jnp.full((batch, candidates), t + 1, jnp.int32)], axis=1), keep)
+            [s.fin_lengths, jnp.full((batch, candidates), t + 1, jnp.int32)], axis=1), keep)
+        fin_hidden = s.fin_hidden
         if fin_hidden is not None:
             # The EOS was not fed, so its slot in the parent's history is still zero.
-            fin_hidden = gather(jnp.concatenate([fin_hidden, gather(alive_hidden, parent)],
+            fin_hidden = gather(jnp.concatenate([fin_hidden, gather(s.alive_hidden, parent)],
                                                 axis=1), keep)
 
         alive_log_probs, survivors = jax.lax.top_k(
@@ -283,35 +343,41 @@ def beam_search(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cac
         alive_parent = gather(parent, survivors)
         alive_tokens = gather(cand_tokens, survivors)
         flat_parent = (rows * beams + alive_parent).reshape(-1)
-        cache = jax.tree.map(lambda leaf: jnp.take(leaf, flat_parent, axis=0), cache)
+        cache = jax.tree.map(lambda leaf: jnp.take(leaf, flat_parent, axis=0), s.cache)
         logits, hidden, cache = step_fn(alive_tokens[:, :, t].reshape(-1), positions + t, cache)
+        alive_hidden = s.alive_hidden
         if alive_hidden is not None:
             alive_hidden = gather(alive_hidden, alive_parent).at[:, :, t].set(
                 hidden.reshape((batch, beams) + hidden.shape[1:]))
-        return (t + 1, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden,
-                fin_scores, fin_lengths, logits.astype(jnp.float32), cache)
+        return _BeamState(t=t + 1, alive_tokens=alive_tokens, alive_hidden=alive_hidden,
+                          alive_log_probs=alive_log_probs, fin_tokens=fin_tokens,
+                          fin_hidden=fin_hidden, fin_scores=fin_scores, fin_lengths=fin_lengths,
+                          logits=logits.astype(jnp.float32), cache=cache)
 
-    def cond(state):
-        t, alive_log_probs, fin_scores = state[0], state[3], state[6]
-        best_alive = alive_log_probs[:, 0] / best_possible_penalty
-        reference = fin_scores[:, -1] if return_all_beams else fin_scores[:, 0]
-        done = (alive_log_probs[:, 0] == -jnp.inf) | (reference >= best_alive)
-        return (t < steps) & ~jnp.all(done)
+    def cond(s: _BeamState) -> jax.Array:
+        best_alive = s.alive_log_probs[:, 0] / best_possible_penalty
+        reference = s.fin_scores[:, -1] if return_all_beams else s.fin_scores[:, 0]
+        done = (s.alive_log_probs[:, 0] == -jnp.inf) | (reference >= best_alive)
+        return (s.t < steps) & ~jnp.all(done)
 
-    alive_hidden = None if hidden_spec is None else jnp.zeros(
+    empty_hidden = None if hidden_spec is None else jnp.zeros(
         (batch, beams, steps) + hidden_spec.shape[1:], hidden_spec.dtype)
-    init = (jnp.int32(0),
-            jnp.full((batch, beams, steps), pad_id, jnp.int32),
-            alive_hidden,
-            jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beams - 1), jnp.float32), (batch, 1)),
-            jnp.full((batch, beams, steps), pad_id, jnp.int32),
-            alive_hidden,
-            jnp.full((batch, beams), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, beams), jnp.int32),
-            jnp.repeat(logits.astype(jnp.float32), beams, axis=0),
-            cache)
-    (t, alive_tokens, alive_hidden, alive_log_probs, fin_tokens, fin_hidden, fin_scores,
-     fin_lengths, _, _) = jax.lax.while_loop(cond, body, init)
+    init = _BeamState(
+        t=jnp.int32(0),
+        alive_tokens=jnp.full((batch, beams, steps), pad_id, jnp.int32),
+        alive_hidden=empty_hidden,
+        alive_log_probs=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beams - 1), jnp.float32),
+                                 (batch, 1)),
+        fin_tokens=jnp.full((batch, beams, steps), pad_id, jnp.int32),
+        fin_hidden=empty_hidden,
+        fin_scores=jnp.full((batch, beams), -jnp.inf, jnp.float32),
+        fin_lengths=jnp.zeros((batch, beams), jnp.int32),
+        logits=jnp.repeat(logits.astype(jnp.float32), beams, axis=0),
+        cache=cache)
+    final = jax.lax.while_loop(cond, body, init)
+    t, alive_tokens, alive_hidden = final.t, final.alive_tokens, final.alive_hidden
+    alive_log_probs, fin_tokens, fin_hidden = final.alive_log_probs, final.fin_tokens, final.fin_hidden
+    fin_scores, fin_lengths = final.fin_scores, final.fin_lengths
 
     # Nothing finished (every beam ran to max_new_tokens): fall back to the alive beams.
     none_finished = (fin_scores[:, 0] == -jnp.inf)[:, None]
@@ -328,6 +394,33 @@ def beam_search(step_fn: StepFn, *, logits: jax.Array, positions: jax.Array, cac
         tokens, lengths, scores = tokens[:, 0], lengths[:, 0], scores[:, 0]
         hidden = None if hidden is None else hidden[:, 0]
     return DecodeOutput(tokens=tokens, lengths=lengths, scores=scores, hidden=hidden)
+
+
+def generate(lm: LanguageModel, *, prefix: jax.Array, prefix_mask: jax.Array, bos_id: int,
+             max_new_tokens: int, eos_id: int | None, pad_id: int = 0, beam_size: int = 1,
+             alpha: float | jax.Array = 0.6, temperature: float = 0.0,
+             rng: jax.Array | None = None, top_k: int = 0, top_p: float = 1.0,
+             return_hidden: bool = False, suppress_repeat: bool = False) -> DecodeOutput:
+    """Generates text after ``prefix [N, P, D]`` (``prefix_mask [N, P]``) with any language model:
+    prefills it and BOS (``lm.prefill``), then steps with ``lm.decode_step``.
+
+    ``beam_size > 1`` runs :func:`beam_search` (brevity exponent ``alpha``); otherwise
+    :func:`sample_decode` (``temperature`` 0: greedy; ``suppress_repeat`` treats BOS as the
+    previous token of the first step). ``eos_id=None`` generates exactly ``max_new_tokens``.
+    """
+    start = lm.prefill(prefix=prefix, prefix_mask=prefix_mask, bos_id=bos_id,
+                       max_new_tokens=max_new_tokens)
+    common = dict(logits=start.logits, positions=start.positions, cache=start.cache,
+                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                  return_hidden=return_hidden)
+    if beam_size > 1:
+        out = beam_search(lm.decode_step, beam_size=beam_size, alpha=alpha, **common)
+    else:
+        out = sample_decode(lm.decode_step, rng=rng, temperature=temperature, top_k=top_k,
+                            top_p=top_p, suppress_repeat=suppress_repeat,
+                            last_tokens=jnp.full(start.positions.shape, bos_id, jnp.int32),
+                            **common)
+    return out._replace(start_hidden=start.hidden) if return_hidden else out
 
 
 def _check_batch(cache: PyTree, positions: jax.Array, batch: int) -> None:

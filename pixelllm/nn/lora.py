@@ -11,12 +11,15 @@ Variable types decide what trains:
   or ``nnx.state(model, nnx.Param)`` never see it: no gradient, no optimizer state, no update.
 * LoRA factors are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``): trainable by default.
   Select them alone with ``nnx.state(model, nnx.LoRAParam)``.
+* :class:`AddedTokenParam` holds embedding (and output) rows of tokens added after pretraining
+  (e.g. LISA's ``<SEG>``): trainable ``nnx.Param`` s that no pretrained file provides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -33,8 +36,50 @@ class FrozenParam(nnx.Variable):
     """A pretrained weight that never trains (deliberately not an ``nnx.Param``)."""
 
 
-# What a pretrained base-model file provides: every weight except the adapters.
-BASE_WEIGHTS = nnx.All(assign_lib.WEIGHTS, nnx.Not(nnx.LoRAParam))
+class AddedTokenParam(nnx.Param):
+    """Embedding or output rows of tokens added to a pretrained vocabulary; trained."""
+
+
+# What a pretrained base-model file provides: every weight except the adapters and added tokens.
+BASE_WEIGHTS = nnx.All(assign_lib.WEIGHTS, nnx.Not(nnx.Any(nnx.LoRAParam, AddedTokenParam)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRASettings:
+    """Adapters on the projections named in ``targets``; ``rank`` 0 means none; the update is
+    scaled by ``alpha / rank`` (PEFT convention). Each model checks ``targets`` against the
+    projections it has (:meth:`check_targets`)."""
+    rank: int = 0
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, object] | LoRASettings | None) -> LoRASettings:
+        """From a config's ``lora`` sub-dict (``rank``, ``alpha``, ``targets``); None: no adapters."""
+        if isinstance(mapping, cls):
+            return mapping
+        values = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping or {})
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown lora settings {unknown}; expected rank, alpha, targets")
+        return cls(**values)
+
+    def check_targets(self, allowed: Sequence[str]) -> None:
+        unknown = sorted(set(self.targets) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {tuple(allowed)}")
+
+    def rank_of(self, name: str) -> int:
+        return self.rank if name in self.targets else 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 def weight(value: jax.Array, axes: tuple[str | None, ...], *, frozen: bool) -> nnx.Variable:

@@ -20,6 +20,7 @@ from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.checkpoints.state_dict import read_state_dict
 from pixelllm.language import decoder
+from pixelllm.nn import lora
 
 TINY = ("tiny_llama", "tiny_gemma", "tiny_gemma2", "tiny_gemma3")
 FULL = ("llama3_2_1b", "gemma_2b", "gemma2_2b", "gemma3_1b")
@@ -36,7 +37,7 @@ def hf_config(config):
                   num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                   head_dim=m.head_dim, rms_norm_eps=m.norm_eps,
                   max_position_embeddings=m.max_position_embeddings,
-                  tie_word_embeddings=m.tie_embeddings, attn_implementation="eager")
+                  tie_word_embeddings=m.tie_word_embeddings, attn_implementation="eager")
     rope = {"rope_type": "default", "rope_theta": m.rope_theta}
     if m.rope_scaling:
         rope.update(m.rope_scaling.to_dict())
@@ -84,7 +85,7 @@ def reference(variant):
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder, max_shard_size="40KB")
         assert (Path(folder) / "model.safetensors.index.json").is_file()
-        decoder.load_hf_weights(ours, read_state_dict(folder), source=folder)
+        decoder.load(ours, read_state_dict(folder), source=folder)
     return config, hf, ours
 
 
@@ -256,57 +257,82 @@ def test_full_size_parameter_counts_match_transformers(variant):
     print(f"{variant}: {base:,} parameters (+{extra:,} with LoRA r={r} on q, v)")
 
 
-def test_converter_accepts_gemma3_multimodal_prefixes():
+def base_model(config, **overrides):
+    """Our model of ``config`` as an abstract shape tree, for loading into."""
+    return nnx.eval_shape(lambda: decoder.DecoderLM({**config.model.to_dict(), **overrides},
+                                                    rngs=nnx.Rngs(0)))
+
+
+def base_weights(model):
+    return {"/".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(model, lora.BASE_WEIGHTS))}
+
+
+def test_loader_accepts_gemma3_multimodal_prefixes_and_skips_the_vision_tower():
     config, hf, _ = reference("tiny_gemma3")
     state = state_dict_of(hf)
-    expected = decoder.convert_state_dict(state, config.model)
+    expected = base_weights(decoder.load(base_model(config), state, source="causal lm"))
     assert "lm_head" not in expected and expected["layers/0/attn/q_norm/scale"].shape == (32,)
-    for new_prefix in ("model.language_model.", "language_model.model."):
-        renamed = {new_prefix + k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        converted = decoder.convert_state_dict(renamed, config.model)
+    vision = {"vision_tower.vision_model.embeddings.patch_embedding.weight": np.zeros((8, 3, 2, 2)),
+              "multi_modal_projector.mm_input_projection_weight": np.zeros((8, 64))}
+    for text, other in (("model.language_model.", "model."), ("language_model.model.", "")):
+        renamed = {text + k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        renamed.update({other + k: v for k, v in vision.items()})
+        converted = base_weights(decoder.load(base_model(config), renamed, source=text))
         assert converted.keys() == expected.keys()
         for key, value in expected.items():
             np.testing.assert_array_equal(converted[key], value)
+    # The vision tower is skipped only where a multimodal file keeps it.
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: multi_modal_projector"):
+        decoder.load(base_model(config), {**state, **vision}, source="causal lm")
 
 
-def test_converter_transposes_and_casts():
+def test_loader_transposes_and_casts():
     config, hf, _ = reference("tiny_llama")
     state = state_dict_of(hf)
-    arrays = decoder.convert_state_dict(state, config.model, dtype=jnp.bfloat16)
+    model = decoder.load(base_model(config, param_dtype="bfloat16"), state, source="tiny")
     q = state["model.layers.1.self_attn.q_proj.weight"]
-    assert arrays["layers/1/attn/q/kernel"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(arrays["layers/1/attn/q/kernel"],
-                                  q.T.astype(jnp.bfloat16))
-    np.testing.assert_array_equal(arrays["lm_head"], state["lm_head.weight"].T.astype(jnp.bfloat16))
+    kernel = model.layers[1].attn.q.kernel.get_value()
+    assert kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(kernel, q.T.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(model.lm_head.get_value(),
+                                  state["lm_head.weight"].T.astype(jnp.bfloat16))
     # Llama's "post_attention_layernorm" is its pre-MLP norm.
     pre_mlp_norm = state["model.layers.0.post_attention_layernorm.weight"]
-    np.testing.assert_array_equal(arrays["layers/0/pre_ffw_norm/scale"],
+    np.testing.assert_array_equal(model.layers[0].pre_ffw_norm.scale.get_value(),
                                   pre_mlp_norm.astype(jnp.bfloat16))
 
 
-def test_converter_names_missing_unexpected_and_misshaped_keys():
+def test_loader_names_missing_unexpected_and_misshaped_keys():
     config, hf, _ = reference("tiny_gemma2")
     state = state_dict_of(hf)
     del state["model.layers.1.pre_feedforward_layernorm.weight"]
     state["model.layers.0.self_attn.q_proj.bias"] = np.zeros(128, np.float32)
     state["model.layers.0.mlp.up_proj.weight"] = np.zeros((64, 128), np.float32)
     with pytest.raises(CheckpointMismatchError) as error:
-        decoder.convert_state_dict(state, config.model, source="bad.safetensors")
-    message = str(error.value)
-    assert "bad.safetensors" in message
-    assert "missing" in message and "model.layers.1.pre_feedforward_layernorm.weight" in message
-    assert "unexpected" in message and "model.layers.0.self_attn.q_proj.bias" in message
-    assert "model.layers.0.mlp.up_proj.weight (checkpoint (64, 128), model (128, 64))" in message
+        decoder.load(base_model(config), state, source="bad.safetensors")
+    assert str(error.value).splitlines() == [
+        "bad.safetensors: checkpoint does not match the model",
+        "  1 missing keys: model.layers.1.pre_feedforward_layernorm.weight",
+        "  1 unexpected keys: model.layers.0.self_attn.q_proj.bias",
+        "  1 mis-shaped keys: model.layers.0.mlp.up_proj.weight (file (64, 128), after transpose "
+        "(128, 64); model layers/0/mlp/up/kernel (64, 128))"]
 
 
-def test_tied_model_rejects_a_different_lm_head():
+def test_tied_model_rejects_a_different_lm_head_and_untied_model_hints_at_a_tied_file():
     config, hf, _ = reference("tiny_gemma")
     state = state_dict_of(hf)
     assert "lm_head.weight" in state  # torch lists the tied tensor under both names
-    decoder.convert_state_dict(state, config.model)
+    decoder.load(base_model(config), state, source="tiny")
     state["lm_head.weight"] = state["lm_head.weight"] + 1.0
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected .*lm_head\.weight"):
-        decoder.convert_state_dict(state, config.model)
+    with pytest.raises(CheckpointMismatchError, match=r"^tiny: .*\n  1 tied keys that differ: "
+                       r"model\.embed_tokens\.weight and lm_head\.weight \(both give embedding\)$"):
+        decoder.load(base_model(config), state, source="tiny")
+    del state["lm_head.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"^tiny: .*; the file has no lm_head\.weight: "
+                       r"this looks like a tied model \(tie_word_embeddings=True\)\n"
+                       r"  1 missing keys: lm_head\.weight$"):
+        decoder.load(base_model(config, tie_word_embeddings=False), state, source="tiny")
 
 
 def test_loading_keeps_lora_factors_and_sets_base_weights():
@@ -317,7 +343,7 @@ def test_loading_keeps_lora_factors_and_sets_base_weights():
                    for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
     assert len(lora_before) == 2 * 7 * config.model.num_layers
     state = state_dict_of(hf)
-    decoder.load_hf_weights(model, state, source="tiny")
+    decoder.load(model, state, source="tiny")
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         np.testing.assert_array_equal(np.asarray(value.get_value()), lora_before["/".join(map(str, path))])
     np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.down.kernel.get_value()),
@@ -326,4 +352,4 @@ def test_loading_keeps_lora_factors_and_sets_base_weights():
                                   state["model.layers.1.post_attention_layernorm.weight"])
     del state["model.norm.weight"]
     with pytest.raises(CheckpointMismatchError, match=r"missing .*model\.norm\.weight"):
-        decoder.load_hf_weights(model, state, source="tiny")
+        decoder.load(model, state, source="tiny")

@@ -81,7 +81,7 @@ def ours_tiny(state, *, lora_b=0.0, lora_settings=None, **overrides):
         adapters["/".join(map(str, path))] = (rng.uniform(-0.3, 0.3, shape) if path[-1] == "lora_a"
                                               else lora_b * rng.normal(size=shape))
     lora.load_lora_arrays(model, adapters, source="test adapters")
-    return t5.load_hf_weights(model, state, source="hf tiny")
+    return t5.load(model, state, source="hf tiny")
 
 
 @nnx.jit
@@ -178,9 +178,26 @@ def test_t5_parity_with_transformers():
 def test_t5_tied_relu_parity_with_transformers():
     hf_model, state = hf_tiny(feed_forward_proj="relu", tied=True)
     assert "lm_head.weight" in state  # a copy of shared.weight, accepted because equal
-    model = ours_tiny(state, feed_forward_proj="relu", tie_word_embeddings=True)
+    model = ours_tiny(state, feed_forward_proj="relu", tie_word_embeddings=True,
+                      scale_decoder_outputs=True)
     assert model.lm_head is None
     check_parity(hf_model, model, visual=3)
+
+
+def test_t5_tied_without_rescale_parity_with_transformers():
+    """transformers 5.x always ties T5's output projection to `shared` and rescales by
+    d_model**-0.5 only when `config.scale_decoder_outputs`; a tied file without the rescale loads
+    exactly with the two flags set apart (with the rescale its logits would be sqrt(d) smaller)."""
+    hf_model, state = hf_tiny(tied=True, seed=2)
+    hf_model.config.scale_decoder_outputs = False
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model = ours_tiny(state, tie_word_embeddings=True, scale_decoder_outputs=False)
+    assert model.lm_head is None
+    check_parity(hf_model, model, visual=2)
+    rescaled = ours_tiny(state, tie_word_embeddings=True, scale_decoder_outputs=True)
+    tokens, mask, dec = batch()
+    plain, scaled = (run_full(m, tokens, mask, dec).logits for m in (model, rescaled))
+    np.testing.assert_allclose(np.asarray(scaled) * 64 ** 0.5, plain, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20)])
@@ -301,7 +318,7 @@ def test_t5_lora_zero_b_equals_base_and_only_adapters_train():
     adapted.decoder.layers[1].cross_attention.v.lora_b.set_value(jnp.ones((4, 64)))
     assert np.abs(run(adapted) - run(base)).max() > 1e-2
     # Reloading base weights leaves the adapters alone.
-    t5.load_hf_weights(adapted, state, source="again")
+    t5.load(adapted, state, source="again")
     assert float(adapted.decoder.layers[1].cross_attention.v.lora_b.get_value().min()) == 1.0
 
 
@@ -340,38 +357,68 @@ def test_t5_dropout_only_with_rngs():
     assert np.abs(a - plain).max() > 1e-2
 
 
-@pytest.mark.parametrize("case", ["missing", "extra", "misshaped", "copy_differs"])
-def test_t5_converter_names_bad_keys(case):
-    _, state = hf_tiny()
+def base_model(**overrides):
+    """Our tiny T5 as an abstract shape tree, for loading into."""
     cfg = t5_config.get_config("tiny").model
+    cfg.update(overrides)
+    return nnx.eval_shape(lambda: t5.T5(cfg, rngs=nnx.Rngs(1)))
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "misshaped", "copy_differs", "untied_file"])
+def test_t5_loader_names_the_file_and_bad_keys(case):
+    _, state = hf_tiny()
     key = "decoder.block.1.layer.1.EncDecAttention.k.weight"
     if case == "missing":
         del state[key]
+        line = f"1 missing keys: {key}"
     elif case == "extra":
         key = "decoder.block.2.layer.0.SelfAttention.q.weight"
         state[key] = np.zeros((64, 64), np.float32)
+        line = f"1 unexpected keys: {key}"
     elif case == "misshaped":
         state[key] = np.zeros((64, 32), np.float32)
-    else:
+        line = (f"1 mis-shaped keys: {key} (file (64, 32), after transpose (32, 64); model "
+                "decoder/layers/1/cross_attention/k/kernel (64, 64))")
+    elif case == "copy_differs":
         key = "decoder.embed_tokens.weight"
         state[key] = state[key] + 1.0
-    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")):
-        t5.convert_state_dict(state, cfg)
+        line = f"tied keys that differ: {key} and encoder.embed_tokens.weight (both give embedding)"
+    else:
+        # A tied model takes lm_head.weight as a copy of the embedding.
+        key = "lm_head.weight"
+        line = f"tied keys that differ: decoder.embed_tokens.weight and {key} (both give embedding)"
+    model = base_model(tie_word_embeddings=case == "untied_file")
+    with pytest.raises(CheckpointMismatchError) as raised:
+        t5.load(model, state, source="bad.safetensors")
+    message = str(raised.value)
+    assert message.startswith("bad.safetensors: checkpoint does not match the model\n")
+    assert line in message
 
 
-def test_t5_converter_layouts_and_dtype():
+def test_t5_loader_hints_at_a_tied_file():
+    _, state = hf_tiny(tied=True)
+    del state["lm_head.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"^tied\.safetensors: .*; the file has no "
+                       r"lm_head\.weight: this looks like a tied T5 \(tie_word_embeddings=True\)"
+                       r"\n  1 missing keys: lm_head\.weight$"):
+        t5.load(base_model(), state, source="tied.safetensors")
+
+
+def test_t5_loader_layouts_and_dtype():
     _, state = hf_tiny()
     assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} <= set(state)
-    cfg = t5_config.get_config("tiny").model
-    params = t5.convert_state_dict(state, cfg, dtype=jnp.bfloat16)
-    assert all(v.dtype == jnp.bfloat16 for v in params.values())
+    model = t5.load(base_model(param_dtype="bfloat16"), state, source="hf tiny")
+    kernel = model.encoder.layers[1].self_attention.q.kernel.get_value()
+    assert kernel.dtype == jnp.bfloat16 and model.lm_head.get_value().dtype == jnp.bfloat16
     q = state["encoder.block.1.layer.0.SelfAttention.q.weight"]
-    np.testing.assert_array_equal(params["encoder/layers/1/self_attention/q/kernel"],
-                                  q.T.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(kernel, q.T.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(model.lm_head.get_value(),
+                                  state["lm_head.weight"].T.astype(jnp.bfloat16))
     # A file that dropped shared.weight but kept a copy loads the same embedding.
     del state["shared.weight"], state["decoder.embed_tokens.weight"]
-    params = t5.convert_state_dict(state, cfg)
-    np.testing.assert_array_equal(params["embedding"], state["encoder.embed_tokens.weight"])
+    model = t5.load(base_model(), state, source="hf tiny")
+    np.testing.assert_array_equal(model.embedding.get_value(),
+                                  state["encoder.embed_tokens.weight"])
 
 
 def test_t5_bfloat16_runs_close_to_float32():
@@ -390,8 +437,8 @@ def test_t5_bfloat16_runs_close_to_float32():
 def test_t5_configs_build(variant):
     cfg = t5.T5Config.from_config(t5_config.get_config(variant).model)
     assert cfg.vocab_size == (128 if variant == "tiny" else 32128)
-    assert cfg.lora_targets == ("q", "v") and cfg.lora_scale == 2.0 and cfg.frozen
-    assert cfg.activation == "gelu_new" and not cfg.tie_word_embeddings
+    assert cfg.lora.targets == ("q", "v") and cfg.lora.scale == 2.0 and cfg.frozen
+    assert cfg.activation == "gelu_tanh" and not cfg.tie_word_embeddings
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         t5.T5Config.from_config({**t5_config.get_config(variant).model.to_dict(),
                                  "lora": {"targets": ("q_proj",)}})
