@@ -17,13 +17,25 @@ everything else is spelled out here, sizes included, and every example is checke
 ``config.sizes`` (a mismatch raises, naming the key). Evaluation sources carry their own
 ``sizes`` (more slots: every expression or object is scored) and ``batch_size``.
 
-Augmentation follows the official recipe (``official-pixelllm.md`` §3), with its two text bugs
+Augmentation follows the official recipe (scenic ``projects/pixel_llm/io/ops.py`` and
+``io/transforms.py``), with its two text bugs
 fixed: Localized Narratives at scale 1 (no crop, so traces stay whole), referring data with scale
 jitter 0.75-1.25 and a random crop (objects cropped away are dropped with their prompts), Visual
 Genome with a horizontal flip that swaps "left"/"right" in the phrases and scale 0.1-2.0 with a
-random crop. Evaluation resizes onto the canvas. Sizes are the official multi-task ones (S = 16
-slots, Lc = 32, L = 128, K = 2 corners, 384 canvas) and G = 100 ground-truth regions (the
-official VG evaluation's maximum).
+random crop. Evaluation resizes onto the canvas.
+
+Sizes per variant are the official stage configs' (scenic ``projects/pixel_llm/configs/t5/``;
+K = 2 corners, 384 canvas, G = 100 ground-truth regions, the official VG maximum, everywhere):
+
+==========  =====  =====  =====  ===================================================
+variant     S      Lc     L      official config (``max_boxes``, context, text tokens)
+==========  =====  =====  =====  ===================================================
+pixelllm    16     32     128    ``pixel_llm_t5_trace_ref_densecap_llava.py``
+trace       1      8      128    ``pixel_llm_t5_trace.py``
+ref         16     40     40     ``pixel_llm_t5_ref.py`` (context -1: the text length)
+refseg      16     40     40     ``pixel_llm_t5_refseg.py``
+densecap    32     8      40     ``pixel_llm_t5_densecap.py`` (S = its 32 text proposals)
+==========  =====  =====  =====  ===================================================
 
 Differences from the official mixtures, which read data sets without builders here: COCO
 Captions (weight 3 in the official multi-task mixture) and LLaVA/ShareGPT4V are left out, and
@@ -36,14 +48,22 @@ overlap knowingly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
+from pixelllm import tasks
+from pixelllm.batch import Sizes
+
 _SIZES = {
-    "full": dict(canvas=384, slots=16, context_length=32, text_length=128, points_per_token=2,
-                 objects=100),
-    "smoke": dict(canvas=32, slots=2, context_length=8, text_length=16, points_per_token=2,
-                  objects=4),
+    "pixelllm": dataclasses.asdict(Sizes(slots=16, context_length=32, text_length=128)),
+    "trace": dataclasses.asdict(Sizes(slots=1, context_length=8, text_length=128)),
+    "ref": dataclasses.asdict(Sizes(slots=16, context_length=40, text_length=40)),
+    "refseg": dataclasses.asdict(Sizes(slots=16, context_length=40, text_length=40)),
+    "densecap": dataclasses.asdict(Sizes(slots=32, context_length=8, text_length=40)),
+    "smoke": dataclasses.asdict(Sizes(canvas=32, slots=2, context_length=8, text_length=16,
+                                      points_per_token=2, objects=4)),
 }
 
 LN = "localized_narratives/coco"
@@ -58,13 +78,15 @@ def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
     """The op chain of a source: decode, the task prompt, ``augment``, slots, tokens.
 
     Args:
-      task: trace, caption, refer, refseg, loca or densecap.
+      task: a task of the task table (:data:`pixelllm.tasks.TASKS`): its prompts, slot filler
+        and losses come from its row.
       train: training (random prompts, augmentation, random slot subsets) or evaluation.
-      sizes: the batch contract sizes (``_SIZES`` entries).
+      sizes: the batch contract sizes (:class:`pixelllm.batch.Sizes` fields).
       augment: ``"none"`` (resize onto the canvas), ``"crop"`` (scale 0.75-1.25 and a random
         crop), ``"flip_crop"`` (a flip swapping "left"/"right", then scale 0.1-2.0 and a crop).
       alignment: word-trace alignment of ``tokenize`` (``"official"`` or ``"exact"``).
     """
+    tasks.get(task)  # an unknown name fails here, naming the known ones
     canvas = sizes["canvas"]
     if not train or augment == "none":
         geometry = [{"op": "resize_and_pad", "canvas": canvas}]
@@ -141,7 +163,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variants = ("pixelllm", "trace", "ref", "refseg", "densecap", "smoke")
     if variant not in variants:
         raise ValueError(f"unknown data variant {variant!r}; choose from {variants}")
-    sizes = _SIZES["smoke" if variant == "smoke" else "full"]
+    sizes = _SIZES[variant]
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.tokenizer = config_dict.placeholder(str)

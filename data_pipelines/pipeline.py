@@ -1,5 +1,5 @@
-"""The input pipeline: a weighted mixture of sources, preprocessed into batches of the model
-batch contract, sharded per host, seeded and resumable (grain).
+"""The input pipeline: a weighted mixture of sources, preprocessed into batches of the batch
+contract (:mod:`pixelllm.batch`), sharded per host, seeded and resumable (grain).
 
 Per source, a grain ``MapDataset`` chain (all index-based, hence reproducible and cheap to
 resume)::
@@ -24,7 +24,8 @@ carries its own task masks, so a batch may mix tasks (unlike the official one-so
   raises :class:`~data_pipelines.skips.BadRecordError` instead. Other errors (wrong op
   arguments, a contract mismatch) always raise. Counts cover the records processed so far,
   including a few prefetched ahead of the consumer, and start from zero in a resumed process.
-* **Shapes.** Every example is checked against the contract (:func:`example_spec`); a partial
+* **Shapes.** Every example is checked against the contract
+  (:func:`pixelllm.batch.example_spec`); a partial
   last batch (finite ``num_epochs``, ``drop_remainder=False``) is filled with all-zero examples,
   whose masks are all False.
 
@@ -46,6 +47,7 @@ import numpy as np
 from data_pipelines import images
 from data_pipelines.ops import registry
 from data_pipelines.skips import SkipCounter
+from pixelllm.batch import Sizes, example_spec
 
 Example = dict[str, Any]
 Batch = dict[str, np.ndarray]
@@ -56,58 +58,6 @@ CORRUPT_IMAGE = "corrupt image"
 # Distinct streams derived from the one seed.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """The fixed sizes of the batch contract.
-
-    Attributes:
-      canvas: H = W, canvas pixels.
-      slots: S, caption slots per image.
-      context_length: Lc, context tokens per slot.
-      text_length: L, text tokens per slot (and per ground-truth object).
-      points_per_token: K, trace target points per token.
-      objects: G, ground-truth objects per image (dense captioning).
-    """
-
-    canvas: int = 384
-    slots: int = 16
-    context_length: int = 32
-    text_length: int = 128
-    points_per_token: int = 2
-    objects: int = 100
-
-
-def example_spec(sizes: Sizes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``key -> (shape, dtype)`` of one example of the batch contract (batches add a leading
-    B axis)."""
-    c, s, lc, length, k, g = (sizes.canvas, sizes.slots, sizes.context_length,
-                              sizes.text_length, sizes.points_per_token, sizes.objects)
-    f32, i32, b = np.dtype(np.float32), np.dtype(np.int32), np.dtype(bool)
-    return {
-        "image": ((c, c, 3), f32),
-        "valid_wh": ((2,), f32),
-        "prompt_boxes": ((s, 4), f32),
-        "context_tokens": ((s, lc), i32),
-        "context_mask": ((s, lc), b),
-        "text_tokens": ((s, length), i32),
-        "text_mask": ((s, length), b),
-        "token_points": ((s, length, k, 2), f32),
-        "token_points_mask": ((s, length), b),
-        "target_boxes": ((s, 4), f32),
-        "target_masks": ((s, c, c), b),
-        "slot_mask": ((s,), b),
-        "task_text": ((s,), f32),
-        "task_points": ((s,), f32),
-        "task_box": ((s,), f32),
-        "task_mask": ((s,), f32),
-        "task_proposals": ((), f32),
-        "gt_boxes": ((g, 4), f32),
-        "gt_mask": ((g,), b),
-        "gt_text_tokens": ((g, length), i32),
-        "gt_text_mask": ((g, length), b),
-    }
 
 
 def check_example(example: Mapping[str, Any], spec: Mapping[str, tuple], *, where: str) -> None:

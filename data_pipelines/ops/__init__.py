@@ -5,7 +5,7 @@ Importing this package registers every op:
 
 ======================  ==================================================================
 ``decode``              builder example -> working example (:mod:`.decode`, :mod:`.fields`)
-``task_prompt``         the task prompts as text (:mod:`data_pipelines.prompts`)
+``task_prompt``         the task prompts as text (the rows of :mod:`pixelllm.tasks`)
 ``horizontal_flip``     random mirror, "left"/"right" swapped or sided texts not flipped
 ``random_scale_crop``   scale jitter + random crop onto the canvas (training)
 ``resize_and_pad``      aspect-preserving resize onto the canvas (evaluation)

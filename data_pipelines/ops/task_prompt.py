@@ -1,4 +1,4 @@
-"""Writes the task prompts (:mod:`data_pipelines.prompts`) into the example as text.
+"""Writes the task prompts (the rows of :mod:`pixelllm.tasks`) into the example as text.
 
 Prompts are added as text before the geometric ops, so those ops keep them consistent with the
 image: a crop drops an object's prompts with the object, a flip swaps "left"/"right" in them as
@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines import prompts
 from data_pipelines.ops import fields, registry
+from pixelllm import tasks
 
 
 @registry.register("task_prompt")
 def task_prompt(*, task: str, train: bool = True) -> registry.Op:
-    """Adds the prompt(s) of ``task``; ``train`` draws whole-image prompts at random from the
-    official lists, otherwise the fixed evaluation prompt is used."""
-    if task not in prompts.IMAGE_PROMPT_TASKS + prompts.OBJECT_PROMPT_TASKS:
-        raise ValueError(f"task_prompt: unknown task {task!r}; expected one of "
-                         f"{prompts.IMAGE_PROMPT_TASKS + prompts.OBJECT_PROMPT_TASKS}")
+    """Adds the prompt(s) of ``task``; ``train`` draws prompts at random from the task's
+    training list, otherwise its fixed evaluation prompt is used."""
+    row = tasks.get(task)
 
     def op(example: fields.Example, rng: np.random.Generator) -> fields.Example:
         out = dict(example)
-        if task in prompts.IMAGE_PROMPT_TASKS:
-            out[fields.CONTEXT] = prompts.image_prompt(task, train=train, rng=rng)
+        if row.prompt_per_object:
+            out[fields.OBJECT_CONTEXTS] = [
+                [row.prompt(train=train, rng=rng, expression=text) for text in texts]
+                for texts in example[fields.OBJECT_TEXTS]]
         else:
-            out[fields.OBJECT_CONTEXTS] = [[prompts.object_prompt(task, text) for text in texts]
-                                           for texts in example[fields.OBJECT_TEXTS]]
+            out[fields.CONTEXT] = row.prompt(train=train, rng=rng)
         return out
 
     return op

@@ -5,9 +5,12 @@ Reads the texts :mod:`slot` leaves (``slots/context``, ``slots/text``, ``slots/t
 contract:
 
 * ``context_tokens [S, Lc]``: the prompt, then EOS ("following BLIP2"); a prompt longer than
-  ``Lc - 1`` tokens is cut, the EOS kept.
+  ``Lc - 1`` tokens is cut, the EOS kept. Used slots, and unused ones that carry a prompt (the
+  dense-captioning slots the model fills from proposals), get one.
 * ``text_tokens [S, L]`` (and ``gt_text_tokens [G, L]``): BOS, the text, EOS; cut to ``L - 2``
-  text tokens, EOS kept, so the box of a referring slot is always read at an EOS. BOS is the
+  text tokens, EOS kept, so the box of a referring slot is always read at an EOS and a cut
+  caption still teaches the model to stop (the official tokenizer wrapper pads to the length and
+  then cuts, dropping the EOS of any text that does not fit: a defect fixed here). BOS is the
   tokenizer's, or for families without one (T5) the decoder start id, the pad id (T5: 0),
   unless ``decoder_start_id`` says otherwise.
 * Padding is the tokenizer's pad id; the ``*_mask`` keys are True on real tokens only.
@@ -141,9 +144,12 @@ def tokenize(*, tokenizer: str | os.PathLike, context_length: int, text_length: 
         out["token_points"] = np.zeros((num_slots, text_length, points_per_token, 2),
                                        np.float32)
         out["token_points_mask"] = np.zeros((num_slots, text_length), bool)
+        for s, context in enumerate(contexts):
+            # Unused slots with a prompt are the dense-captioning ones the model fills.
+            if used[s] or context:
+                out["context_tokens"][s], out["context_mask"][s] = encoder.context(
+                    context, length=context_length)
         for s in np.flatnonzero(used):
-            out["context_tokens"][s], out["context_mask"][s] = encoder.context(
-                contexts[s], length=context_length)
             narrative = example[slot.SLOT_TRACE][s]
             if narrative is None:
                 out["text_tokens"][s], out["text_mask"][s] = encoder.text(

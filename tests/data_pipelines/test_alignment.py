@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipelines import alignment
 from data_pipelines.alignment import (NarrativeTraces, align, disagreement, exact_assignment,
                                       match_words, official_assignment, token_targets)
 from pixelllm.language.tokenizer import load_tokenizer
+from pixelllm.tools import alignment_report
 
 
 def _traces(caption, utterances, boxes, valid=None):
@@ -181,12 +181,12 @@ def test_cli_prints_the_disagreement_rate(tmp_path, capsys):
     path = tmp_path / "ln.jsonl"
     path.write_text("\n".join([json.dumps(_raw_uneven_narrative()), "{broken",
                                json.dumps(_raw_uneven_narrative())]) + "\n")
-    alignment.main(["--jsonl", str(path)])
+    alignment_report.main(["--jsonl", str(path)])
     out = capsys.readouterr().out
     assert "narratives: 2" in out
     assert "disagreement: 8/26 = 0.3077" in out
     assert "malformed json line" in out
-    alignment.main(["--jsonl", str(path), "--limit", "1"])
+    alignment_report.main(["--jsonl", str(path), "--limit", "1"])
     assert "disagreement: 4/13 = 0.3077" in capsys.readouterr().out
 
 
@@ -217,5 +217,5 @@ def test_with_a_sentencepiece_tokenizer(tmp_path, capsys):
 
     path = tmp_path / "ln.jsonl"
     path.write_text(json.dumps(_raw_uneven_narrative()) + "\n")
-    alignment.main(["--jsonl", str(path), "--tokenizer", str(tmp_path / "spiece.model")])
+    alignment_report.main(["--jsonl", str(path), "--tokenizer", str(tmp_path / "spiece.model")])
     assert f"disagreement: {differing}/{compared} " in capsys.readouterr().out

@@ -15,10 +15,11 @@ from PIL import Image
 
 from configs import data as data_config
 from data_pipelines import pipeline
-from data_pipelines.pipeline import CORRUPT_IMAGE, UNREADABLE_RECORD, InputPipeline, Sizes, Source
+from data_pipelines.pipeline import CORRUPT_IMAGE, UNREADABLE_RECORD, InputPipeline, Source
 from data_pipelines.skips import BadRecordError
+from pixelllm import batch as batch_lib
+from pixelllm.batch import Sizes
 from pixelllm.language.tokenizer import load_tokenizer
-from pixelllm.models.pixel_llm import batch as model_batch
 
 SIZES = Sizes(canvas=16, slots=2, context_length=24, text_length=24, points_per_token=2,
               objects=3)
@@ -106,7 +107,7 @@ def test_refer_values_end_to_end_and_a_flip_swaps_sides_and_mirrors_boxes(tokeni
     tok = load_tokenizer(tokenizer_path)
     records = [_refer_record(0, encode=True)]
     [batch] = list(_eval_pipeline([Source("refer", records, _ops("refer", tokenizer_path))]))
-    assert set(batch) == set(pipeline.example_spec(SIZES))
+    assert set(batch) == set(batch_lib.example_spec(SIZES))
     # 32x16 -> 16x8 on the 16x16 canvas: the dog (0, 0, 8, 8) px -> (0, 0, 4, 4).
     np.testing.assert_array_equal(batch["valid_wh"][0], [16, 8])
     np.testing.assert_allclose(batch["target_boxes"][0], [[0, 0, 4, 4], [12, 4, 16, 8]])
@@ -282,11 +283,59 @@ def test_smoke_config_runs_on_records(tokenizer_path):
     p = InputPipeline(sources, batch_size=config.batch_size, sizes=Sizes(**config.sizes),
                       seed=config.seed, process_index=0, process_count=1)
     batch = next(iter(p))
-    for key, (shape, dtype) in pipeline.example_spec(Sizes(**config.sizes)).items():
+    for key, (shape, dtype) in batch_lib.example_spec(Sizes(**config.sizes)).items():
         assert batch[key].shape == (config.batch_size, *shape) and batch[key].dtype == dtype
     # What the model checks on its side of the contract.
-    sizes = model_batch.validate(batch)
+    sizes = batch_lib.validate(batch)
     assert sizes["B"] == config.batch_size and sizes["S"] == config.sizes.slots
+
+
+def test_a_pipeline_batch_passes_the_step_checker_and_the_tiny_models_loss(tokenizer_path):
+    """The data side and the model side of the contract meet: a smoke-mixture batch passes the
+    train-step check for the tiny model and gives a finite loss with every task's terms on."""
+    from flax import nnx
+
+    from configs import pixelllm as pixelllm_config
+    from pixelllm.models.pixel_llm import objective
+    from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
+
+    config = data_config.get_config("smoke")
+    records = {"trace": [_ln_record(i) for i in range(3)],
+               "refer": [_refer_record(i) for i in range(3)],
+               "densecap": [_vg_record(i) for i in range(3)]}
+    sources = [Source(entry["name"], records[entry["task"]],
+                      pipeline.with_tokenizer(entry["ops"], tokenizer_path), entry["weight"])
+               for entry in config.train]
+    batch = next(iter(InputPipeline(sources, batch_size=8, sizes=Sizes(**config.sizes),
+                                    seed=config.seed, process_index=0, process_count=1)))
+    proposals = batch["task_proposals"] > 0
+    assert proposals.any() and not proposals.all()
+    # Dense-captioning slots are empty in the data but carry the task prompt for the model.
+    tok = load_tokenizer(tokenizer_path)
+    assert not batch["slot_mask"][proposals].any()
+    prompt = tok.decode(batch["context_tokens"][proposals][0, 0])  # cut to Lc = 8 tokens
+    assert prompt and "an object of".startswith(prompt)
+
+    model_config = pixelllm_config.get_config("tiny")
+    checker = batch_lib.BatchChecker(
+        vocab_size=model_config.model.language_model.model.vocab_size,
+        sizes=Sizes(**config.sizes))
+    checker(batch)
+    model = PixelLLM.from_config(model_config.model, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def loss(model, batch):
+        outputs = model(batch)
+        return objective.compute(outputs, batch, model_config.loss, canvas_size=32), outputs
+
+    (total, terms), outputs = loss(model, batch)
+    assert np.isfinite(float(total))
+    for name in ("text", "box_l1", "proposal_giou"):
+        assert float(terms[name].normalizer) > 0, name
+    # The dense images' text loss runs on slots built from their ground truth and proposals.
+    assert np.asarray(outputs.slot_inputs["task_text"])[proposals].any()
+    with pytest.raises(batch_lib.BatchError, match="text_tokens"):
+        checker({**batch, "text_tokens": np.full_like(batch["text_tokens"], 128)})
 
 
 def _ln_line(image_id, caption, timed, trace):

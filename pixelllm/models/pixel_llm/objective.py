@@ -5,13 +5,25 @@ a batch mixing tasks normalizes each loss by the examples that have it (the offi
 task per batch and scales by the batch mean of a task mask instead). Total::
 
     text      * CE(logits, next token; label smoothing)      slots with task_text, real tokens
+                                                             (+ task_box if text_on_referring)
   + point     * L1(token points, trace targets)  [pixels]    tokens with token_points_mask, task_points
   + box_l1    * L1(EOS box, target box)          [pixels]    slots with task_box
-  + box_giou  * (1 - GIoU(EOS box, target box))
+  + box_giou  * (1 - GIoU(EOS box, target box))              (official weight 0)
   + mask_focal * focal + mask_dice * dice + mask_iou_mse * MSE(IoU prediction)   slots with task_mask
   + proposal_heatmap * (pos + neg focal) + proposal_giou * GIoU              images with task_proposals
 
-Weights are ``config.loss`` (``configs/pixelllm.py``); pixel L1 weights follow the official 0.1.
+Every per-slot target and weight comes from ``outputs.slot_inputs`` (the slots the model ran,
+dense-captioning images' rebuilt from proposals); per-image ones (valid area, ground-truth
+objects, ``task_proposals``) from the batch. Which task trains which loss is the task table's
+business (:mod:`pixelllm.tasks`, written into the batch's loss masks); :data:`WEIGHTS` maps each
+of its losses to the weights of its terms. Weights are ``config.loss`` (``configs/pixelllm.py``),
+one mapping, with the settings ``label_smoothing`` and ``text_on_referring`` beside them; pixel
+L1 weights follow the official 0.1.
+
+The official referring loss is the box L1 alone, at the token that emits EOS (scenic
+``add_task_mask(['point'])`` with ``point_output_ignore='^end-1'``): no text loss, no GIoU. Two
+extensions switch on more: ``box_giou > 0`` and ``text_on_referring`` (the referring slots,
+those that train the box, also train their expression's text).
 """
 
 from __future__ import annotations
@@ -21,59 +33,87 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from pixelllm.nn import losses
+from pixelllm import batch as batch_lib
 from pixelllm.models.pixel_llm import proposal_head as proposal_lib
 from pixelllm.models.pixel_llm.pixel_llm import Outputs, padding_mask
+from pixelllm.nn import losses
 from pixelllm.nn.resize import resize_2d
 
 LossValue = losses.LossValue
 
+# The weight names of each loss of the task table (pixelllm.tasks.LOSSES).
+WEIGHTS = {
+    "text": ("text",),
+    "points": ("point",),
+    "box": ("box_l1", "box_giou"),
+    "mask": ("mask_focal", "mask_dice", "mask_iou_mse"),
+    "proposals": ("proposal_heatmap", "proposal_giou"),
+}
+# Settings that live in the same mapping as the weights.
+SETTINGS = ("label_smoothing", "text_on_referring")
 
-def _slot_weight(task: jax.Array, slot_mask: jax.Array) -> jax.Array:
-    return task.astype(jnp.float32) * slot_mask.astype(jnp.float32)
+
+def check_weights(weights: Mapping[str, float]) -> None:
+    """Raises ``ValueError`` unless ``weights`` has exactly the weight names of :data:`WEIGHTS`
+    and :data:`SETTINGS` (a misspelt weight would otherwise be silently ignored)."""
+    known = {name for names in WEIGHTS.values() for name in names} | set(SETTINGS)
+    unknown, missing = sorted(set(weights) - known), sorted(known - set(weights))
+    if unknown or missing:
+        raise ValueError(f"loss weights (config.loss): unknown {unknown}, missing {missing}; "
+                         f"expected exactly {sorted(known)}")
+
+
+def _gate(slot_inputs: Mapping[str, jax.Array], loss: str) -> jax.Array:
+    """``[B, S]`` float: used slots whose task trains ``loss``."""
+    return (slot_inputs[batch_lib.LOSS_MASKS[loss]].astype(jnp.float32)
+            * slot_inputs[batch_lib.SLOT_MASK].astype(jnp.float32))
 
 
 def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[str, float],
             *, canvas_size: int) -> tuple[jax.Array, dict[str, LossValue]]:
     """``(total, terms)``: the weighted total and every term before weighting."""
+    check_weights(weights)
     slots, inputs = outputs.slots, outputs.slot_inputs
-    slot_mask = inputs["slot_mask"]
     terms: dict[str, LossValue] = {}
 
-    text_weight = (inputs["text_mask"][..., 1:].astype(jnp.float32)
-                   * _slot_weight(inputs["task_text"], slot_mask)[..., None])
+    text_gate = _gate(inputs, "text")
+    if weights["text_on_referring"]:
+        text_gate = jnp.maximum(text_gate, _gate(inputs, "box"))
+    text_weight = inputs[batch_lib.TEXT_MASK][..., 1:].astype(jnp.float32) * text_gate[..., None]
     terms["text"] = losses.text_cross_entropy(
-        slots.logits[..., :-1, :], inputs["text_tokens"][..., 1:], text_weight,
+        slots.logits[..., :-1, :], inputs[batch_lib.TEXT_TOKENS][..., 1:], text_weight,
         label_smoothing=weights["label_smoothing"])
 
-    point_weight = (batch["token_points_mask"].astype(jnp.float32)
-                    * _slot_weight(batch["task_points"], slot_mask)[..., None])
-    terms["point"] = losses.point_l1(slots.token_points, batch["token_points"], point_weight)
+    point_weight = (inputs[batch_lib.TOKEN_POINTS_MASK].astype(jnp.float32)
+                    * _gate(inputs, "points")[..., None])
+    terms["point"] = losses.point_l1(slots.token_points, inputs[batch_lib.TOKEN_POINTS],
+                                     point_weight)
 
-    box_weight = _slot_weight(batch["task_box"], slot_mask)
-    terms["box_l1"] = losses.box_l1(slots.eos_boxes, batch["target_boxes"], box_weight)
-    terms["box_giou"] = losses.giou_loss(slots.eos_boxes, batch["target_boxes"], box_weight)
+    box_weight = _gate(inputs, "box")
+    target_boxes = inputs[batch_lib.TARGET_BOXES]
+    terms["box_l1"] = losses.box_l1(slots.eos_boxes, target_boxes, box_weight)
+    terms["box_giou"] = losses.giou_loss(slots.eos_boxes, target_boxes, box_weight)
 
     if slots.masks is not None:
-        height, width = batch["image"].shape[1:3]
+        height, width = batch[batch_lib.IMAGE].shape[1:3]
         logits = resize_2d(slots.masks[..., None], (height, width), mode="linear")[..., 0]
-        valid = jnp.broadcast_to(padding_mask(batch["valid_wh"], (height, width))[:, None],
-                                 logits.shape)
+        valid = jnp.broadcast_to(
+            padding_mask(batch[batch_lib.VALID_WH], (height, width))[:, None], logits.shape)
         flat = logits.shape[0] * logits.shape[1]
         mask_terms = losses.mask_losses(
             logits.reshape(flat, height, width),
-            batch["target_masks"].reshape(flat, height, width),
+            inputs[batch_lib.TARGET_MASKS].reshape(flat, height, width),
             valid.reshape(flat, height, width),
-            _slot_weight(batch["task_mask"], slot_mask).reshape(flat),
+            _gate(inputs, "mask").reshape(flat),
             slots.mask_iou.reshape(flat))
         terms.update({f"mask_{name}": value for name, value in mask_terms.items()})
 
     if outputs.proposals is not None:
         grid = outputs.proposals[0][0].shape[1:3]
-        image_valid = (padding_mask(batch["valid_wh"] * grid[1] / canvas_size, grid)
-                       & (batch["task_proposals"][:, None, None] > 0))
-        proposal_terms = proposal_lib.loss(outputs.proposals, batch["gt_boxes"],
-                                           batch["gt_mask"], canvas_size=canvas_size,
+        image_valid = (padding_mask(batch[batch_lib.VALID_WH] * grid[1] / canvas_size, grid)
+                       & (batch[batch_lib.TASK_PROPOSALS][:, None, None] > 0))
+        proposal_terms = proposal_lib.loss(outputs.proposals, batch[batch_lib.GT_BOXES],
+                                           batch[batch_lib.GT_MASK], canvas_size=canvas_size,
                                            image_valid=image_valid)
         terms.update({f"proposal_{name}": value for name, value in proposal_terms.items()})
 
@@ -84,6 +124,8 @@ def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[s
 
 
 def _weight_of(name: str, weights: Mapping[str, float]) -> float:
+    """The weight of term ``name``: the heatmap's positive and negative focal terms share
+    ``proposal_heatmap``."""
     if name.startswith("proposal_heatmap"):
         return weights["proposal_heatmap"]
     return weights[name]

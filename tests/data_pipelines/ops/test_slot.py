@@ -56,7 +56,8 @@ def test_refer_fills_one_slot_per_expression_in_evaluation_order():
     np.testing.assert_allclose(out["target_boxes"][[0, 1, 2, 4]],
                                [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
     assert not out["prompt_boxes"][5].any() and not out["target_boxes"][5].any()
-    assert _masks(out) == [[1, 1, 1, 1, 1, 0], [0] * 6, [1, 1, 1, 1, 1, 0], [0] * 6]
+    # The official referring losses: the box only (no text, no points).
+    assert _masks(out) == [[0] * 6, [0] * 6, [1, 1, 1, 1, 1, 0], [0] * 6]
     assert not out["target_masks"].any()  # refer: no masks
     assert out["task_proposals"] == 0 and not out["gt_mask"].any()
     assert out["image"].dtype == np.float32 and (out["image"] == 9).all()
@@ -75,7 +76,7 @@ def test_refseg_carries_the_masks_and_training_takes_a_random_subset_in_order():
             assert out[SLOT_CONTEXT][s] == f"where is {text}"
             np.testing.assert_array_equal(out["target_masks"][s],
                                           example[fields.OBJECT_MASKS][owner])
-        assert _masks(out) == [[1, 1], [0, 0], [1, 1], [1, 1]]
+        assert _masks(out) == [[0, 0], [0, 0], [1, 1], [1, 1]]
         seen.add("".join(texts))
     assert len(seen) >= 6
 

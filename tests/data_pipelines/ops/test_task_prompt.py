@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from data_pipelines import prompts
 from data_pipelines.ops import fields
 from data_pipelines.ops.task_prompt import task_prompt
+from pixelllm import tasks
 
 OBJECTS = {fields.IMAGE: np.zeros((2, 2, 3), np.uint8),
            fields.OBJECT_BOXES: np.zeros((2, 4), np.float32),
@@ -15,7 +15,7 @@ OBJECTS = {fields.IMAGE: np.zeros((2, 2, 3), np.uint8),
 def test_whole_image_prompts_are_drawn_in_training_and_fixed_in_evaluation():
     rng = np.random.default_rng(0)
     drawn = {task_prompt(task="trace")(OBJECTS, rng)[fields.CONTEXT] for _ in range(300)}
-    assert drawn == set(prompts.LONG_CAPTION_PROMPTS)
+    assert drawn == set(tasks.LONG_CAPTION_PROMPTS)
     assert task_prompt(task="trace", train=False)(OBJECTS, rng)[fields.CONTEXT] == (
         "A long image caption: ")
     assert task_prompt(task="caption", train=False)(OBJECTS, rng)[fields.CONTEXT] == (

@@ -98,6 +98,21 @@ def test_truncation_keeps_eos_and_decoder_start_can_be_set(model_path):
     assert out["text_mask"][0].all() and out["context_mask"][0].all()
 
 
+def test_a_truncated_trace_caption_still_ends_with_eos(model_path):
+    """The official wrapper cuts after padding and loses EOS on long texts (a fixed defect): a
+    cut trace caption ends with EOS here, and the EOS has no point target."""
+    tok = load_tokenizer(model_path)
+    caption = "a dog on the grass near a tree by the river"
+    narrative = _narrative(caption, ["a dog", "on the grass near a tree by the river"],
+                           [[1, 1, 3, 2], [0, 3, 8, 6]])
+    op = tokenize(tokenizer=model_path, context_length=8, text_length=6)
+    out = op(_slotted(["A long image caption: "], [caption], [narrative]),
+             np.random.default_rng(0))
+    assert len(tok.encode(caption)) > 4
+    np.testing.assert_array_equal(out["text_tokens"][0], [0] + tok.encode(caption)[:4] + [1])
+    assert out["text_mask"][0].all() and not out["token_points_mask"][0, -1]
+
+
 def test_exact_alignment_gives_each_word_its_utterance_box_corners(model_path):
     tok = load_tokenizer(model_path)
     caption = "a dog on the grass"

@@ -5,6 +5,8 @@ import pytest
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
+from pixelllm import batch as batch_lib
+from pixelllm import tasks as task_table
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
 
@@ -14,8 +16,9 @@ def synthetic_batch(seed: int, *, batch: int = 2, slots: int = 2, canvas: int = 
                     tasks=("trace", "refseg")) -> dict[str, np.ndarray]:
     """One rectangle per image on noise; every slot talks about it.
 
-    ``tasks[i % len(tasks)]`` sets image i's task masks: "trace" (text + points), "refseg"
-    (text + box + mask), "refer" (text + box), "caption" (text), "densecap" (proposals).
+    ``tasks[i % len(tasks)]`` (names of :data:`pixelllm.tasks.TASKS`) sets image i's loss masks
+    from its row: e.g. "trace" (text + points), "refseg" (text + box + mask), "densecap"
+    (proposals; its slots are rebuilt from proposals by the model).
     """
     rng = np.random.default_rng(seed)
     b, s, length = batch, slots, text_length
@@ -54,15 +57,12 @@ def synthetic_batch(seed: int, *, batch: int = 2, slots: int = 2, canvas: int = 
             bottom = y0 + (y1 - y0) * (j + 1) / words
             token_points[i, :, 1 + j] = [[x0, top], [x1, bottom]][:num_points]
 
-    task = {name: np.zeros((b, s), np.float32) for name in ("text", "points", "box", "mask")}
-    task_proposals = np.zeros((b,), np.float32)
-    enabled = {"trace": ("text", "points"), "refseg": ("text", "box", "mask"),
-               "refer": ("text", "box"), "caption": ("text",), "densecap": ()}
+    # The loss masks follow each task's row of the task table.
+    loss_masks = {key: np.zeros((b,) if key == batch_lib.TASK_PROPOSALS else (b, s), np.float32)
+                  for key in batch_lib.LOSS_MASKS.values()}
     for i in range(b):
-        name = tasks[i % len(tasks)]
-        for key in enabled[name]:
-            task[key][i] = 1.0
-        task_proposals[i] = float(name == "densecap")
+        for loss in task_table.get(tasks[i % len(tasks)]).losses:
+            loss_masks[batch_lib.LOSS_MASKS[loss]][i] = 1.0
 
     gt_boxes = np.zeros((b, objects, 4), np.float32)
     gt_boxes[:, 0] = boxes
@@ -78,8 +78,7 @@ def synthetic_batch(seed: int, *, batch: int = 2, slots: int = 2, canvas: int = 
         "target_boxes": np.repeat(boxes[:, None], s, 1),
         "target_masks": np.repeat(masks[:, None], s, 1),
         "slot_mask": np.ones((b, s), bool),
-        "task_text": task["text"], "task_points": task["points"], "task_box": task["box"],
-        "task_mask": task["mask"], "task_proposals": task_proposals,
+        **loss_masks,
         "gt_boxes": gt_boxes, "gt_mask": gt_mask,
         "gt_text_tokens": np.repeat(text_tokens[:, :1], objects, 1),
         "gt_text_mask": np.repeat(text_mask[:, :1], objects, 1) & gt_mask[..., None],

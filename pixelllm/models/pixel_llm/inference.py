@@ -1,16 +1,17 @@
-"""One inference entry per PixelLLM task. All take a canvas batch (``image [B, H, W, 3]`` 0-255,
-``valid_wh [B, 2]``, see :mod:`pixelllm.models.pixel_llm.batch`) and tokenized task prompts; coordinates in
+"""The inference entry of every task of the task table (:mod:`pixelllm.tasks`, whose rows name
+these functions; :func:`for_task` looks one up). All take a canvas batch (``image [B, H, W, 3]``
+0-255, ``valid_wh [B, 2]``, see :mod:`pixelllm.batch`) and tokenized task prompts; coordinates in
 and out are canvas pixels. Each function is traceable under ``nnx.jit`` with the sizes static.
 
 =============================  ============================  ===================================
-task                           input                         output
+entry                          input                         output
 =============================  ============================  ===================================
-pixel-aligned captioning       context (caption prompt)      caption + points per word
-captioning / VQA               context (prompt / question)   text
-location-conditioned caption   boxes [B, S, 4] (or points)   caption per box
-referring localization         expression (context + text)   box per expression
-referring segmentation         expression                    box + mask per expression
-dense object captioning        context ("an object of ")     proposals, their captions, scores
+caption_with_traces            context (caption prompt)      caption + points per word
+caption                        context (prompt / question)   text
+location_caption               boxes [B, S, 4] (or points)   caption per box
+refer                          expression (context + text)   box per expression
+refer_segment                  expression                    box + mask per expression
+dense_caption                  context ("an object of ")     proposals, their captions, scores
 =============================  ============================  ===================================
 
 Referring tasks read the box where the expression's EOS is emitted, with the expression as the
@@ -19,25 +20,30 @@ text (teacher forcing), as the official RefCOCO evaluation does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from pixelllm import tasks
 from pixelllm.models.pixel_llm.generation import Generation, generate
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM, padding_mask
 from pixelllm.nn.resize import resize_2d
 
 
 class DecodeSettings(NamedTuple):
-    """Token ids and search settings shared by the generating tasks."""
+    """Token ids and search settings shared by the generating tasks (the arguments of
+    :func:`~pixelllm.models.pixel_llm.generation.generate`). The defaults are the official
+    decoder's: greedy with the previous token suppressed, scores over the number of words."""
     bos_id: int
     eos_id: int
     pad_id: int
     max_new_tokens: int
     beam_size: int = 1
     brevity_alpha: float = 0.6
-    suppress_repeat: bool = False
+    suppress_repeat: bool = True
+    score_normalization: str = "words"
 
 
 def whole_image_boxes(valid_wh: jax.Array, slots: int) -> jax.Array:
@@ -64,7 +70,7 @@ def caption_with_traces(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, 
 def caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
             context_tokens: jax.Array, context_mask: jax.Array,
             settings: DecodeSettings) -> Generation:
-    """Plain captioning and VQA-style prompts ("Question: ... Answer: "); the text is the
+    """Plain captioning and VQA-style prompts (:func:`pixelllm.tasks.question_prompt`); the text is the
     output (points are computed but carry no training signal unless the model learned traces)."""
     return caption_with_traces(model, image, valid_wh, context_tokens=context_tokens,
                                context_mask=context_mask, settings=settings)
@@ -90,13 +96,9 @@ class Referring(NamedTuple):
     mask_scores: jax.Array | None
 
 
-def refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
-          context_tokens: jax.Array, context_mask: jax.Array, text_tokens: jax.Array,
-          text_mask: jax.Array, segment: bool) -> Referring:
-    """Referring localization (and segmentation with ``segment``).
-
-    ``context_*``: "where is <expression>" tokens; ``text_*``: BOS + expression + EOS.
-    """
+def _refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
+           context_tokens: jax.Array, context_mask: jax.Array, text_tokens: jax.Array,
+           text_mask: jax.Array, segment: bool) -> Referring:
     features = model.encode_image(image, valid_wh)
     slots = model.run_slots(features, valid_wh,
                             prompt_boxes=whole_image_boxes(valid_wh, text_tokens.shape[1]),
@@ -108,6 +110,28 @@ def refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
     logits = resize_2d(slots.masks[..., None], (height, width), mode="linear")[..., 0]
     masks = (logits > 0) & padding_mask(valid_wh, (height, width))[:, None]
     return Referring(boxes=slots.eos_boxes, masks=masks, mask_scores=slots.mask_iou)
+
+
+def refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
+          context_tokens: jax.Array, context_mask: jax.Array, text_tokens: jax.Array,
+          text_mask: jax.Array) -> Referring:
+    """Referring localization: a box per expression (``masks`` None).
+
+    ``context_*``: "where is <expression>" tokens; ``text_*``: BOS + expression + EOS.
+    """
+    return _refer(model, image, valid_wh, context_tokens=context_tokens,
+                  context_mask=context_mask, text_tokens=text_tokens, text_mask=text_mask,
+                  segment=False)
+
+
+def refer_segment(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
+                  context_tokens: jax.Array, context_mask: jax.Array, text_tokens: jax.Array,
+                  text_mask: jax.Array) -> Referring:
+    """Referring segmentation: as :func:`refer`, plus SAM's mask of the EOS box with the mask
+    adapter's language context."""
+    return _refer(model, image, valid_wh, context_tokens=context_tokens,
+                  context_mask=context_mask, text_tokens=text_tokens, text_mask=text_mask,
+                  segment=True)
 
 
 class DenseCaptions(NamedTuple):
@@ -138,3 +162,13 @@ def dense_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
     scores = jnp.sqrt(proposal_scores * jnp.exp(captions.log_prob))
     return DenseCaptions(boxes=boxes, scores=scores, proposal_scores=proposal_scores,
                          captions=captions)
+
+
+def for_task(name: str) -> Callable[..., object]:
+    """The inference entry named by task ``name``'s row of :data:`pixelllm.tasks.TASKS`."""
+    entry = tasks.get(name).inference
+    function = globals().get(entry)
+    if not callable(function) or getattr(function, "__module__", None) != __name__:
+        raise ValueError(f"task {name!r} names inference entry {entry!r}, which {__name__} "
+                         "does not define")
+    return function

@@ -1,12 +1,17 @@
-"""Every task's inference entry on the tiny model: documented shapes and ranges."""
+"""Every task's inference entry on the tiny model: documented shapes and ranges; every row of
+the task table names one."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from pixelllm.models.pixel_llm import tasks
+from pixelllm import tasks
+from pixelllm.models.pixel_llm import inference
 
-SETTINGS = tasks.DecodeSettings(bos_id=0, eos_id=1, pad_id=0, max_new_tokens=4)
+SETTINGS = inference.DecodeSettings(bos_id=0, eos_id=1, pad_id=0, max_new_tokens=4)
 
 
 def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_batch,
@@ -22,17 +27,19 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
         context = dict(context_tokens=batch["context_tokens"], context_mask=batch["context_mask"])
         shifted = batch["target_boxes"] * jnp.array([0.5, 0.5, 0.6, 0.6])
         return {
-            "trace": tasks.caption_with_traces(model, image, wh, settings=SETTINGS, **context),
-            "loca": tasks.location_caption(model, image, wh, boxes=batch["target_boxes"],
+            "trace": inference.caption_with_traces(model, image, wh, settings=SETTINGS, **context),
+            "loca": inference.location_caption(model, image, wh, boxes=batch["target_boxes"],
                                            settings=SETTINGS, **context),
-            "loca_shifted": tasks.location_caption(model, image, wh, boxes=shifted,
+            "loca_shifted": inference.location_caption(model, image, wh, boxes=shifted,
                                                    settings=SETTINGS, **context),
-            "loca_points": tasks.location_caption(
+            "loca_points": inference.location_caption(
                 model, image, wh, points=batch["target_boxes"].reshape(b, s, 2, 2),
                 settings=SETTINGS, **context),
-            "refer": tasks.refer(model, image, wh, text_tokens=batch["text_tokens"],
-                                 text_mask=batch["text_mask"], segment=True, **context),
-            "dense": tasks.dense_caption(model, image, wh,
+            "refer": inference.refer_segment(model, image, wh, text_tokens=batch["text_tokens"],
+                                             text_mask=batch["text_mask"], **context),
+            "refer_boxes": inference.refer(model, image, wh, text_tokens=batch["text_tokens"],
+                                           text_mask=batch["text_mask"], **context),
+            "dense": inference.dense_caption(model, image, wh,
                                          context_tokens=batch["context_tokens"][:, 0],
                                          context_mask=batch["context_mask"][:, 0], top_k=top_k,
                                          settings=SETTINGS),
@@ -62,6 +69,9 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
     assert not masks[1, :, int(wh[1, 1]):].any()  # image 1 is padded below its valid height
     boxes = np.asarray(refer.boxes)
     assert (boxes[..., :2] <= boxes[..., 2:]).all() and (boxes[..., 2:] <= wh[:, None]).all()
+    # Localization alone reads the same EOS box and makes no mask.
+    np.testing.assert_allclose(out["refer_boxes"].boxes, boxes, atol=1e-5)
+    assert out["refer_boxes"].masks is None and out["refer_boxes"].mask_scores is None
 
     dense = out["dense"]
     assert dense.boxes.shape == (b, top_k, 4) and dense.captions.tokens.shape == (b, top_k, 4)
@@ -69,3 +79,16 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
         dense.scores, np.sqrt(dense.proposal_scores * np.exp(dense.captions.log_prob)), rtol=1e-5)
     assert (np.diff(np.asarray(dense.proposal_scores), axis=-1) <= 0).all()
     assert (np.asarray(dense.boxes)[..., 2:] <= wh[:, None]).all()
+
+
+def test_every_task_row_names_an_inference_entry():
+    for name, row in tasks.TASKS.items():
+        assert inference.for_task(name) is getattr(inference, row.inference), name
+    assert inference.for_task("refseg") is inference.refer_segment
+
+
+def test_a_row_naming_a_missing_entry_is_refused(monkeypatch):
+    row = dataclasses.replace(tasks.get("refer"), name="reasonseg", inference="jnp")
+    monkeypatch.setitem(tasks.TASKS, row.name, row)
+    with pytest.raises(ValueError, match="task 'reasonseg' names inference entry 'jnp'"):
+        inference.for_task("reasonseg")
