@@ -34,4 +34,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.update(mlp_ratio=4 * 2 / 3, layer_norm_eps=1e-6, final_norm=True)
     config.model = ml_collections.ConfigDict(model)
     config.sharding = common.sharding_config()
+    config.lock()
     return config

@@ -52,4 +52,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              **decoder),
     })
     config.sharding = common.sharding_config()
+    config.lock()
     return config

@@ -1,4 +1,4 @@
-"""Box geometry on ``(x0, y0, x1, y1)`` boxes: area, IoU, generalized IoU, format changes, clipping.
+"""Box geometry on ``(x0, y0, x1, y1)`` boxes: area, IoU, generalized IoU, clipping.
 
 Boxes follow the project convention (README, Conventions): canvas pixels, origin top-left, x right,
 y down. Every function broadcasts over leading dimensions and is differentiable.
@@ -65,18 +65,6 @@ def generalized_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     enclosing = area(jnp.concatenate([jnp.minimum(a[..., :2], b[..., :2]),
                                       jnp.maximum(a[..., 2:], b[..., 2:])], axis=-1))
     return _safe_divide(intersection, union) - _safe_divide(enclosing - union, enclosing)
-
-
-def xyxy_to_cxcywh(boxes: jax.Array) -> jax.Array:
-    """``(x0, y0, x1, y1)`` -> ``(centre x, centre y, width, height)``, ``[..., 4]``."""
-    low, high = boxes[..., :2], boxes[..., 2:]
-    return jnp.concatenate([(low + high) / 2.0, high - low], axis=-1)
-
-
-def cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-    """``(centre x, centre y, width, height)`` -> ``(x0, y0, x1, y1)``, ``[..., 4]``."""
-    centre, half_size = boxes[..., :2], boxes[..., 2:] / 2.0
-    return jnp.concatenate([centre - half_size, centre + half_size], axis=-1)
 
 
 def clip(boxes: jax.Array, wh: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Experiments: one model config and one data config tied by a single set of sizes."""
