@@ -8,9 +8,16 @@
 
 Both encoders run on the 384 canvas as the official PixelLLM (SAM: 24x24x256; EVA02-L/14: 27x27,
 the last 6 pixels unseen); their maps are fused at 27x27x1280. Module sizes follow the official
-code (`official-pixelllm.md` §1): prompt adapter depth 6 / width 512 / 8 heads / MLP 2048 / 32
-queries, point MLP 3 x 512, mask adapter 2 layers of 256; the proposal head is a single-level
-class-agnostic CenterNet on the fused map (the official uses CenterNet2 on a feature pyramid).
+code (scenic `projects/pixel_llm/modeling/prompt_adapter.py`, `point_predictor.py`,
+`mask_adapter.py`): prompt adapter depth 6 / width 512 / 8 heads / MLP 2048 / 32 queries, point
+MLP 3 x 512, mask adapter 2 layers of 256; the proposal head is a single-level class-agnostic
+CenterNet on the fused map (the official `box_decoder.py` uses CenterNet2 on a feature pyramid).
+
+`dtype` is the compute dtype of the whole model ("bfloat16" on accelerators; parameters stay
+float32), `remat` its rematerialization policy ("none" keeps every activation), and
+`eva02.scan_layers` runs EVA02's blocks as one scanned layer. The config comes back locked: a
+misspelt field (`config.loss.mask_dise = 5.0`) raises instead of adding a key nobody reads;
+`--config.x=y` overrides existing fields as usual.
 """
 
 import ml_collections
@@ -44,22 +51,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     canvas = 32 if tiny else 384
     sam = sam_config.get_config("tiny" if tiny else "vit_h").model.to_dict()
     sam["image_encoder"]["img_size"] = canvas
+    # The official runs its frozen SAM in training mode: drop path 0.5 (last block) while
+    # training (scenic configs/t5/*.py `sam_backbone_args.drop_path_rate`).
+    sam["image_encoder"]["drop_path_rate"] = 0.0 if tiny else 0.5
     eva02 = eva02_config.get_config("tiny" if tiny else "large").model.to_dict()
-    eva02.update(img_size=canvas, drop_path_rate=0.0 if tiny else 0.1)
+    eva02.update(img_size=canvas, drop_path_rate=0.0 if tiny else 0.1, scan_layers=False)
 
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.model_class = "pixelllm.models.pixel_llm.pixel_llm.PixelLLM"
     config.model = ml_collections.ConfigDict({
         "canvas_size": canvas,
+        "dtype": "float32",
+        "remat": "none",
         "sam": sam,
         "eva02": eva02,
         "language_model": _language_model(*_LANGUAGE_MODELS[variant]),
-        "prompt_adapter": (dict(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4,
-                                visual_features=32) if tiny else
-                           dict(dim=512, depth=6, num_heads=8, mlp_dim=2048, num_queries=32,
-                                visual_features=1024)),
-        "point_head": dict(num_points=2, hidden_features=32 if tiny else 512, depth=3),
+        # style "official": per-query output layers, N(0, 1) queries, one prompt projection;
+        # "shared_output": our lighter variant (one shared output layer, 16M fewer parameters).
+        # box_pad_tokens: no_mask_embed copies after a box's 2 corner tokens (official 3; 0 ours).
+        "prompt_adapter": dict(style="official", box_pad_tokens=3, **(
+            dict(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, visual_features=32)
+            if tiny else
+            dict(dim=512, depth=6, num_heads=8, mlp_dim=2048, num_queries=32,
+                 visual_features=1024))),
+        # box_source "points" (official): the referring box is the min/max of the EOS-emitting
+        # token's points; "box_out" (extension) gives it its own output layer.
+        "point_head": dict(num_points=2, hidden_features=32 if tiny else 512, depth=3,
+                           box_source="points"),
         "mask_adapter": (dict(num_queries=2, depth=1, num_heads=4, mlp_dim=64) if tiny else
                          dict(num_queries=2, depth=2, num_heads=8, mlp_dim=2048)),
         "proposal_head": dict(hidden=16 if tiny else 256, num_convs=2 if tiny else 4,
@@ -71,9 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Loss weights (pixelllm/models/pixel_llm/objective.py). Pixel L1 terms: the official 0.1.
     config.loss = ml_collections.ConfigDict({
         "text": 1.0, "label_smoothing": 0.1,
-        "point": 0.1, "box_l1": 0.1, "box_giou": 1.0,
+        # Official referring loss: L1 on the box corners only (GIoU weight 0; our extension:
+        # 1.0) and no text loss on referring slots (text_on_referring False; extension: True).
+        "point": 0.1, "box_l1": 0.1, "box_giou": 0.0, "text_on_referring": False,
         "mask_focal": 20.0, "mask_dice": 1.0, "mask_iou_mse": 1.0,
         "proposal_heatmap": 0.5, "proposal_giou": 1.0,
     })
     config.sharding = common.sharding_config()
+    config.lock()
     return config

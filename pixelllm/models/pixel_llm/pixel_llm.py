@@ -1,7 +1,7 @@
 """PixelLLM: two image encoders, a prompt adapter, a frozen LoRA-adapted language model, a point
 head per output token, an EOS box, a proposal head and SAM's mask path, in one module.
 
-Data flow for a batch (keys of the batch contract, :mod:`pixelllm.models.pixel_llm.batch`)::
+Data flow for a batch (keys of the batch contract, :mod:`pixelllm.batch`)::
 
     image [B, H, W, 3] --SAM ViT (frozen)--> sam_map [B, Hs, Ws, 256] -----------------+
           \\-----------EVA02 (trainable)--> eva_map [B, He, We, Ce]                    |
@@ -28,23 +28,27 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from pixelllm import batch as batch_lib
 from pixelllm import sharding
 from pixelllm.encoders import eva02 as eva02_lib
 from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language.decoder import DecoderLM
+from pixelllm.language.interface import LanguageModel
 from pixelllm.language.t5 import T5
 from pixelllm.models.pixel_llm import proposal_head as proposal_lib
-from pixelllm.models.pixel_llm import text_model
+from pixelllm.models.pixel_llm.dense_captioning import assign_dense_caption_slots
 from pixelllm.models.pixel_llm.mask_adapter import MaskAdapter
 from pixelllm.models.pixel_llm.point_head import PointHead, to_canvas
 from pixelllm.models.pixel_llm.prompt_adapter import PromptAdapter
+from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.resize import resize_2d
 
 # OpenAI CLIP statistics in 0-255, EVA02's pretraining normalization.
 CLIP_MEAN = tuple(255.0 * v for v in (0.48145466, 0.4578275, 0.40821073))
 CLIP_STD = tuple(255.0 * v for v in (0.26862954, 0.26130258, 0.27577711))
 
-LANGUAGE_MODELS = {"decoder": DecoderLM, "t5": T5}
+# language_model.kind -> the LanguageModel implementation built from language_model.model.
+LANGUAGE_MODELS: dict[str, type[LanguageModel]] = {"decoder": DecoderLM, "t5": T5}
 
 
 def padding_mask(valid_wh: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
@@ -93,8 +97,9 @@ class SlotOutputs(NamedTuple):
 
 class Outputs(NamedTuple):
     """Everything the losses need: the slots' outputs, the proposal head's raw outputs (a list
-    of ``(heatmap_logits, ltrb)`` per level, or None) and the slot inputs actually used (the batch's,
-    with dense-captioning images' slots replaced by caption-assigned proposals)."""
+    of ``(heatmap_logits, ltrb)`` per level, or None) and the slot inputs actually used: every
+    per-slot key of the batch (:data:`pixelllm.batch.SLOT_KEYS`), dense-captioning images' slots
+    rebuilt from caption-assigned proposals; the objective reads every per-slot weight here."""
     slots: SlotOutputs
     proposals: list | None
     slot_inputs: dict[str, jax.Array]
@@ -118,6 +123,9 @@ class PixelLLM(nnx.Module):
       proposal_head: :class:`~pixelllm.models.pixel_llm.proposal_head.ProposalHead` arguments, or None.
       proposals: ``{"top_k", "iou_threshold", "num_text_proposals"}`` (dense captioning).
       frozen: top-level attribute names kept out of training (default ``("sam",)``).
+      dtype: compute dtype of every part ("bfloat16" on accelerators; parameters stay float32,
+        and LayerNorm statistics, softmax, the point head's outputs and mask logits float32).
+      remat: rematerialization policy of every tower's blocks (:mod:`pixelllm.nn.remat`).
       mesh, rules: activations of the encoders are constrained on this mesh (see
         :mod:`pixelllm.sharding`); None on one device.
     """
@@ -127,8 +135,9 @@ class PixelLLM(nnx.Module):
                  point_head: Mapping[str, Any], mask_adapter: Mapping[str, Any] | None,
                  proposal_head: Mapping[str, Any] | None,
                  proposals: Mapping[str, Any] | None = None,
-                 frozen: Sequence[str] = ("sam",), mesh: Mesh | None = None,
-                 rules: sharding.Rules = sharding.DEFAULT_RULES, rngs: nnx.Rngs):
+                 frozen: Sequence[str] = ("sam",), dtype: str = "float32", remat: str = "none",
+                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                 rngs: nnx.Rngs):
         sam, eva02 = dict(sam), dict(eva02)
         if sam["image_encoder"]["img_size"] != canvas_size or eva02["img_size"] != canvas_size:
             raise ValueError(f"SAM img_size {sam['image_encoder']['img_size']} and EVA02 img_size "
@@ -139,23 +148,32 @@ class PixelLLM(nnx.Module):
         self.canvas_size = canvas_size
         self.frozen = tuple(frozen)
         self.proposal_settings = dict(proposals or {})
-        self.sam = sam_lib.Sam(**sam, rngs=rngs)
-        self.eva02 = eva02_lib.Eva02(**eva02, mesh=mesh, rules=rules, rngs=rngs)
-        self.lm = LANGUAGE_MODELS[kind](language_model["model"], rngs=rngs)
-        lm_width = text_model.width(self.lm)
+        self.dtype = jnp.dtype(dtype)
+        remat_lib.check_remat(remat, field="model.remat")
+        # The model-level compute dtype and remat policy apply to every part; parameters stay
+        # in each part's param_dtype (float32).
+        compute = dict(dtype=self.dtype)
+        sam["image_encoder"] = dict(sam["image_encoder"], remat=remat)
+        self.sam = sam_lib.Sam(**sam, **compute, rngs=rngs)
+        self.eva02 = eva02_lib.Eva02(**(eva02 | dict(remat=remat, **compute)), mesh=mesh,
+                                     rules=rules, rngs=rngs)
+        self.lm = LANGUAGE_MODELS[kind]({**language_model["model"], "dtype": dtype,
+                                         "remat": remat}, rngs=rngs)
+        lm_width = self.lm.width
         prompt_width = self.sam.prompt_encoder.embed_dim
         sam_channels = sam["image_encoder"]["out_chans"]
         fused_channels = eva02["embed_dim"] + sam_channels
         self.prompt_adapter = PromptAdapter(image_features=fused_channels,
                                             prompt_features=prompt_width,
-                                            out_features=lm_width, **prompt_adapter, rngs=rngs)
-        self.point_head = PointHead(in_features=lm_width, **point_head, mesh=mesh, rules=rules,
-                                    rngs=rngs)
+                                            out_features=lm_width, **prompt_adapter,
+                                            remat=remat, **compute, rngs=rngs)
+        self.point_head = PointHead(in_features=lm_width, **point_head, **compute, mesh=mesh,
+                                    rules=rules, rngs=rngs)
         self.mask_adapter = None if mask_adapter is None else MaskAdapter(
             visual_features=lm_width, text_features=lm_width, prompt_features=prompt_width,
-            **mask_adapter, rngs=rngs)
+            **mask_adapter, remat=remat, **compute, rngs=rngs)
         self.proposal_head = None if proposal_head is None else proposal_lib.ProposalHead(
-            in_features=fused_channels, **proposal_head, rngs=rngs)
+            in_features=fused_channels, **proposal_head, **compute, rngs=rngs)
 
     @classmethod
     def from_config(cls, model_config, *, rngs: nnx.Rngs, **overrides) -> PixelLLM:
@@ -170,27 +188,35 @@ class PixelLLM(nnx.Module):
 
     # ------------------------------------------------------------------ image and prompts
 
-    def encode_image(self, image: jax.Array, valid_wh: jax.Array) -> ImageFeatures:
-        """``image [B, H, W, 3]`` (0-255 canvas), ``valid_wh [B, 2]`` -> :class:`ImageFeatures`."""
+    def encode_image(self, image: jax.Array, valid_wh: jax.Array, *,
+                     rngs: nnx.Rngs | None = None) -> ImageFeatures:
+        """``image [B, H, W, 3]`` (0-255 canvas), ``valid_wh [B, 2]`` -> :class:`ImageFeatures`.
+        ``rngs`` (training) enables SAM's drop path: the official runs its frozen SAM in
+        training mode."""
         mask = padding_mask(valid_wh, image.shape[1:3])
-        sam_map = self.sam.image_encoder(sam_lib.normalize(image, mask))
+        sam_map = self.sam.image_encoder(sam_lib.normalize(image, mask), rngs=rngs)
         if "sam" in self.frozen:
             sam_map = jax.lax.stop_gradient(sam_map)
         eva_map = self.eva02(normalize_clip(image, mask))
-        return ImageFeatures(fused=fuse([eva_map, sam_map]), sam=sam_map)
+        # Resized in float32 (bicubic overshoot), then back to the compute dtype.
+        fused = fuse([eva_map, sam_map]).astype(self.dtype)
+        return ImageFeatures(fused=fused, sam=sam_map)
 
     def visual_tokens(self, features: ImageFeatures, prompt_boxes: jax.Array | None = None, *,
                       prompt_points: jax.Array | None = None) -> jax.Array:
         """Visual tokens ``[B, S, Q, D]`` for a location prompt per slot, canvas pixels:
-        ``prompt_boxes [B, S, 4]`` (two corner tokens, what PixelLLM trains on), or
-        ``prompt_points [B, S, P, 2]`` (positive points plus SAM's padding token, as SAM encodes
-        points given without a box)."""
+        ``prompt_boxes [B, S, 4]`` (two corner tokens, then the prompt adapter's
+        ``box_pad_tokens`` copies of ``no_mask_embed``, as the official; what PixelLLM trains
+        on), or ``prompt_points [B, S, P, 2]`` (positive points plus SAM's padding token, as SAM
+        encodes points given without a box)."""
         if (prompt_boxes is None) == (prompt_points is None):
             raise ValueError("pass exactly one of prompt_boxes and prompt_points")
         encoder = self.sam.prompt_encoder
         if prompt_boxes is not None:
             batch, slots = prompt_boxes.shape[:2]
-            tokens = encoder.embed_boxes(prompt_boxes.reshape(-1, 4).astype(jnp.float32))
+            tokens = self.prompt_adapter.pad_box_tokens(
+                encoder.embed_boxes(prompt_boxes.reshape(-1, 4).astype(jnp.float32)),
+                encoder.no_mask_embed[...])
         else:
             batch, slots, count = prompt_points.shape[:3]
             tokens = encoder.embed_points(prompt_points.reshape(-1, count, 2).astype(jnp.float32),
@@ -199,12 +225,14 @@ class PixelLLM(nnx.Module):
         image_pe = encoder.dense_pe(features.fused.shape[1:3])
         return self.prompt_adapter(features.fused, image_pe, tokens, encoder.no_mask_embed[...])
 
-    def prefix(self, visual: jax.Array, context_tokens: jax.Array,
-               context_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``[visual | context]`` embeddings ``[B*S, Q+Lc, D]`` and their mask."""
+    def prefix(self, visual: jax.Array, context_tokens: jax.Array, context_mask: jax.Array, *,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """``[visual | context]`` embeddings ``[B*S, Q+Lc, D]`` and their mask. With ``rngs``
+        (training) the LM's input dropout applies to the context embeddings only, as the
+        official T5 encoder: the visual tokens enter undropped."""
         n = visual.shape[0] * visual.shape[1]
         visual = visual.reshape(n, *visual.shape[2:])
-        context = self.lm.embed(context_tokens.reshape(n, -1))
+        context = self.lm.embed(context_tokens.reshape(n, -1), rngs=rngs)
         embeddings = jnp.concatenate([visual.astype(context.dtype), context], axis=1)
         mask = jnp.concatenate([jnp.ones(visual.shape[:2], bool),
                                 context_mask.reshape(n, -1).astype(bool)], axis=1)
@@ -217,14 +245,15 @@ class PixelLLM(nnx.Module):
                   text_mask: jax.Array, with_masks: bool,
                   rngs: nnx.Rngs | None = None) -> SlotOutputs:
         """Teacher-forced text, points, EOS boxes (and masks) for every slot; shapes in
-        :class:`SlotOutputs`."""
+        :class:`SlotOutputs`. The EOS box is the point head's box at the token that emits EOS
+        (the last word, as the official ``point_output_ignore='^end-1'``): by default the
+        min/max of that token's points (``point_head.box_source``)."""
         batch, slots, length = text_tokens.shape
         visual = self.visual_tokens(features, prompt_boxes)
-        prefix, prefix_mask = self.prefix(visual, context_tokens, context_mask)
-        out = text_model.teacher_forced(self.lm, prefix=prefix, prefix_mask=prefix_mask,
-                                        tokens=text_tokens.reshape(batch * slots, length),
-                                        token_mask=text_mask.reshape(batch * slots, length),
-                                        rngs=rngs)
+        prefix, prefix_mask = self.prefix(visual, context_tokens, context_mask, rngs=rngs)
+        out = self.lm.forward(prefix=prefix, prefix_mask=prefix_mask,
+                              tokens=text_tokens.reshape(batch * slots, length),
+                              token_mask=text_mask.reshape(batch * slots, length), rngs=rngs)
         logits = out.logits.reshape(batch, slots, length, -1)
         hidden = out.hidden.reshape(batch, slots, length, -1)
         head = self.point_head(hidden)
@@ -270,67 +299,31 @@ class PixelLLM(nnx.Module):
                                             valid_wh=valid_wh)
         return levels, boxes, scores
 
-    def dense_caption_slots(self, batch: Mapping[str, jax.Array], proposals: jax.Array
-                            ) -> dict[str, jax.Array]:
-        """GRiT-style training slots for dense-captioning images (``task_proposals > 0``).
-
-        Candidates are the ground-truth boxes followed by the proposals (as GRiT appends GT to
-        its proposals, so captions train before proposals are good); each takes the caption of
-        its best-IoU ground truth when IoU >= ``iou_threshold``; the first ``num_text_proposals``
-        matched candidates become slots (prompt box = candidate, stop-gradient). Other images keep
-        their slots.
-        """
-        settings = self.proposal_settings
-        count = settings["num_text_proposals"]
-        slots = batch["prompt_boxes"].shape[1]
-        if count > slots:
-            raise ValueError(f"num_text_proposals {count} exceeds the batch's {slots} slots")
-        candidates = jnp.concatenate([batch["gt_boxes"], jax.lax.stop_gradient(proposals)], axis=1)
-        candidate_valid = jnp.concatenate(
-            [batch["gt_mask"].astype(bool), jnp.ones(proposals.shape[:2], bool)], axis=1)
-        gt_index, matched = proposal_lib.assign_captions(
-            candidates, batch["gt_boxes"], batch["gt_mask"],
-            iou_threshold=settings["iou_threshold"])
-        matched &= candidate_valid
-        order = jnp.argsort(~matched, axis=1, stable=True)[:, :count]
-        chosen_boxes = jnp.take_along_axis(candidates, order[..., None], axis=1)
-        chosen_matched = jnp.take_along_axis(matched, order, axis=1)
-        chosen_gt = jnp.take_along_axis(gt_index, order, axis=1)
-        text_tokens = jnp.take_along_axis(batch["gt_text_tokens"], chosen_gt[..., None], axis=1)
-        text_mask = (jnp.take_along_axis(batch["gt_text_mask"], chosen_gt[..., None], axis=1)
-                     & chosen_matched[..., None])
-        dense = batch["task_proposals"][:, None] > 0
-
-        def fill(original, replacement):
-            padded = original.at[:, :count].set(replacement.astype(original.dtype))
-            shape = dense.shape + (1,) * (original.ndim - 2)
-            return jnp.where(dense.reshape(shape), padded, original)
-
-        return {
-            "prompt_boxes": fill(batch["prompt_boxes"], chosen_boxes),
-            "text_tokens": fill(batch["text_tokens"], text_tokens),
-            "text_mask": fill(batch["text_mask"], text_mask),
-            "slot_mask": fill(batch["slot_mask"], chosen_matched),
-            "task_text": fill(batch["task_text"], chosen_matched),
-        }
-
     # ------------------------------------------------------------------ training forward
 
     def __call__(self, batch: Mapping[str, jax.Array], *, rngs: nnx.Rngs | None = None) -> Outputs:
-        """Teacher-forced forward pass over a batch (see :mod:`pixelllm.models.pixel_llm.batch`)."""
-        features = self.encode_image(batch["image"], batch["valid_wh"])
-        slot_inputs = {key: batch[key] for key in
-                       ("prompt_boxes", "text_tokens", "text_mask", "slot_mask", "task_text")}
+        """Teacher-forced forward pass over a batch of the contract (:mod:`pixelllm.batch`).
+
+        The batch is validated first (shapes and dtypes: under ``jit`` this runs once, while
+        tracing); dense-captioning images get their slots from the proposals
+        (:func:`~pixelllm.models.pixel_llm.dense_captioning.assign_dense_caption_slots`).
+        """
+        batch_lib.validate(batch)
+        features = self.encode_image(batch[batch_lib.IMAGE], batch[batch_lib.VALID_WH],
+                                     rngs=rngs)
+        slot_inputs = {key: batch[key] for key in batch_lib.SLOT_KEYS}
         levels = None
         if self.proposal_head is not None:
-            levels, boxes, _ = self.propose(features, batch["valid_wh"],
+            levels, boxes, _ = self.propose(features, batch[batch_lib.VALID_WH],
                                             self.proposal_settings["top_k"])
-            slot_inputs = self.dense_caption_slots(batch, boxes)
-        slots = self.run_slots(features, batch["valid_wh"],
-                               prompt_boxes=slot_inputs["prompt_boxes"],
-                               context_tokens=batch["context_tokens"],
-                               context_mask=batch["context_mask"],
-                               text_tokens=slot_inputs["text_tokens"],
-                               text_mask=slot_inputs["text_mask"],
+            slot_inputs = assign_dense_caption_slots(
+                batch, boxes, iou_threshold=self.proposal_settings["iou_threshold"],
+                num_text_proposals=self.proposal_settings["num_text_proposals"])
+        slots = self.run_slots(features, batch[batch_lib.VALID_WH],
+                               prompt_boxes=slot_inputs[batch_lib.PROMPT_BOXES],
+                               context_tokens=slot_inputs[batch_lib.CONTEXT_TOKENS],
+                               context_mask=slot_inputs[batch_lib.CONTEXT_MASK],
+                               text_tokens=slot_inputs[batch_lib.TEXT_TOKENS],
+                               text_mask=slot_inputs[batch_lib.TEXT_MASK],
                                with_masks=True, rngs=rngs)
         return Outputs(slots=slots, proposals=levels, slot_inputs=slot_inputs)

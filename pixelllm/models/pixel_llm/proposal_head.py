@@ -79,10 +79,12 @@ class ProposalHead(nnx.Module):
       hidden: tower channels.
       num_convs: tower depth.
       num_levels: pyramid levels; ``h`` and ``w`` must be divisible by ``2^(num_levels - 1)``.
+      dtype: compute dtype of the convolutions (GroupNorm statistics stay float32; the outputs,
+        heatmap logits and box distances, are float32); ``param_dtype``: storage dtype.
     """
 
     def __init__(self, *, in_features: int, hidden: int = 256, num_convs: int = 4,
-                 num_levels: int = 1, dtype: jnp.dtype | None = None,
+                 num_levels: int = 1, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
@@ -121,8 +123,8 @@ class ProposalHead(nnx.Module):
         for index, level in enumerate(levels):
             for conv, norm in zip(self.tower, self.tower_norms):
                 level = jax.nn.relu(norm(conv(level)))
-            heatmap_logits = self.heatmap(level)[..., 0]
-            ltrb = jax.nn.relu(self.scales[index] * self.ltrb(level))
+            heatmap_logits = self.heatmap(level)[..., 0].astype(jnp.float32)
+            ltrb = jax.nn.relu(self.scales[index] * self.ltrb(level).astype(jnp.float32))
             outputs.append((heatmap_logits, ltrb))
         return outputs
 

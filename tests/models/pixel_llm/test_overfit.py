@@ -7,13 +7,14 @@ import optax
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
-from pixelllm.models.pixel_llm import objective, tasks
+from pixelllm.models.pixel_llm import inference, objective
 from pixelllm.nn import box_ops
 
 
 def test_overfits_one_mixed_batch(make_batch, build_model):
     config = pixelllm_config.get_config("tiny")
-    weights = dict(config.loss.to_dict(), label_smoothing=0.0)
+    # The refseg slots' text is asserted below, so they train it (the extension switch).
+    weights = dict(config.loss.to_dict(), label_smoothing=0.0, text_on_referring=True)
     model = build_model(config, seed=5)
     model.train()
     batch = make_batch(5, tasks=("trace", "refseg"))
@@ -52,19 +53,19 @@ def test_overfits_one_mixed_batch(make_batch, build_model):
     # with every word's points near their targets, and referring localization finds the box.
     model.eval()
     trace = 0  # image 0 has the trace task
-    settings = tasks.DecodeSettings(bos_id=0, eos_id=1, pad_id=0,
+    settings = inference.DecodeSettings(bos_id=0, eos_id=1, pad_id=0,
                                     max_new_tokens=batch["text_tokens"].shape[-1])
 
     @nnx.jit
     def infer(model, batch):
-        captions = tasks.caption_with_traces(
+        captions = inference.caption_with_traces(
             model, batch["image"], batch["valid_wh"], context_tokens=batch["context_tokens"],
             context_mask=batch["context_mask"], settings=settings)
-        referring = tasks.refer(model, batch["image"], batch["valid_wh"],
-                                context_tokens=batch["context_tokens"],
-                                context_mask=batch["context_mask"],
-                                text_tokens=batch["text_tokens"], text_mask=batch["text_mask"],
-                                segment=True)
+        referring = inference.refer_segment(model, batch["image"], batch["valid_wh"],
+                                            context_tokens=batch["context_tokens"],
+                                            context_mask=batch["context_mask"],
+                                            text_tokens=batch["text_tokens"],
+                                            text_mask=batch["text_mask"])
         return captions, referring
 
     captions, referring = infer(model, batch)

@@ -2,19 +2,21 @@
 
 The pretrained parts must equal the published models (counts checked against the PyTorch
 references in the encoder and language-model tests); PixelLLM's own modules are counted from the
-official architecture (official-pixelllm.md §1) by hand here.
+official architecture (scenic projects/pixel_llm/modeling/) by hand here.
 """
 
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from configs import pixelllm as pixelllm_config
+from flax import nnx
 
 from pixelllm.tools import param_table
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 SAM_VIT_H = 641_090_864
 # EVA02-L/14 trunk with its final norm: 304,055,232 at 448 (1 + 32^2 position slots); the 384
@@ -36,13 +38,32 @@ def _two_way(dim, depth, mlp, downsample=2):
     return depth * block + cross + 2 * dim
 
 
+# The official PromptAdaptor (prompt_adapter.py) at the T5 config, counted with jax.eval_shape on
+# the scenic code: its dense_output_mlp (512 -> 1024 on the image side) is read only by
+# prompt_fuse_fn='dense' and is not built here.
+OFFICIAL_PROMPT_ADAPTER = 44_030_720
+OFFICIAL_DENSE_OUTPUT_MLP = 512 * 1024 + 1024
+# The official T5 model's visual_project_layers='linear' (layers.py LinearProjectLayers): Dense
+# 1024 -> 2048 with bias, then LayerNorm with scale and bias (flax.linen eval_shape: 2,103,296).
+OFFICIAL_T5_VISUAL_PROJECTION = 2_103_296
+
+
+def _official_prompt_adapter(fused=1024 + 256, prompt=256):
+    """Queries, image / PE / prompt projections (one shared by sparse and dense prompts), the
+    two-way transformer, then 32 per-query output Dense layers 512 -> 1024."""
+    return (32 * 512 + _dense(fused, 512) + 2 * _dense(prompt, 512) + _two_way(512, 6, 2048)
+            + 32 * _dense(512, 1024))
+
+
+def _visual_projection(lm_width):
+    return _dense(1024, lm_width) + 2 * lm_width
+
+
 def _pixelllm_modules(lm_width):
     fused, prompt = 1024 + 256, 256
-    prompt_adapter = (32 * 512 + _dense(fused, 512) + 3 * _dense(prompt, 512)
-                      + _two_way(512, 6, 2048) + _dense(512, 1024) + _dense(1024, lm_width)
-                      + 2 * lm_width)
-    point_head = (2 * lm_width + _dense(lm_width, 512) + 2 * _dense(512, 512)
-                  + _dense(512, 4) + _dense(512, 4))
+    prompt_adapter = _official_prompt_adapter() + _visual_projection(lm_width)
+    # Points only: the official box is read from the points (box_source "points"), no box layer.
+    point_head = 2 * lm_width + _dense(lm_width, 512) + 2 * _dense(512, 512) + _dense(512, 4)
     mask_adapter = (2 * (2 * lm_width + _dense(lm_width, 256)) + 2 * 256 + _two_way(256, 2, 2048)
                     + 2 * 256)
     conv3 = 9 * 256 * 256 + 256
@@ -66,6 +87,22 @@ def test_full_size_parameter_table(variant, lm_width, lm_frozen, lm_lora):
     frozen = sum(f for _, f in expected.values())
     expected["total"] = (trainable, frozen)
     assert rows == expected
+
+
+def test_prompt_adapter_matches_the_official_count_at_the_t5_config():
+    """The t5_xl adapter (official style) equals the official PromptAdaptor less its unused
+    dense_output_mlp, and its projection to the LM equals the official visual projection."""
+    model = param_table.build_abstract(pixelllm_config.get_config("t5_xl"))
+    adapter = model.prompt_adapter
+
+    def count(module):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+    projection = count(adapter.lm_proj) + count(adapter.lm_norm)
+    assert projection == _visual_projection(2048) == OFFICIAL_T5_VISUAL_PROJECTION
+    core = count(adapter) - projection
+    assert core == _official_prompt_adapter()
+    assert core + OFFICIAL_DENSE_OUTPUT_MLP == OFFICIAL_PROMPT_ADAPTER
 
 
 def test_param_table_command_prints_the_pixelllm_table():

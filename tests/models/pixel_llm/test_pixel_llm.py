@@ -6,11 +6,10 @@ import pytest
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
+from pixelllm import batch as batch_lib
 from pixelllm.language.t5 import T5
-from pixelllm.models.pixel_llm import batch as batch_lib
 from pixelllm.models.pixel_llm import generation
 from pixelllm.models.pixel_llm import objective
-from pixelllm.models.pixel_llm import text_model
 from pixelllm.models.pixel_llm.pixel_llm import eos_positions, fuse, padding_mask
 from pixelllm.nn.lora import FrozenParam
 
@@ -91,7 +90,7 @@ def test_mask_adapter_starts_as_sams_own_box_prompted_mask(tiny_t5_config, make_
     boxes = jnp.asarray(batch["target_boxes"])
     b, s = boxes.shape[:2]
     visual = model.visual_tokens(features, boxes)
-    hidden = jnp.ones((b, s, 6, text_model.width(model.lm)))
+    hidden = jnp.ones((b, s, 6, model.lm.width))
     masks, iou = model.segment(features, boxes, visual, hidden, jnp.ones((b, s, 6), bool))
     sparse, dense = model.sam.prompt_encoder(boxes=boxes.reshape(-1, 4))
     reference, reference_iou = model.sam.mask_decoder(
@@ -157,7 +156,7 @@ def test_generation_matches_teacher_forcing_on_its_own_output(variant, make_batc
                                   prompt_boxes=batch["prompt_boxes"],
                                   context_tokens=batch["context_tokens"],
                                   context_mask=batch["context_mask"], bos_id=0, eos_id=eos,
-                                  pad_id=0, max_new_tokens=5)
+                                  pad_id=0, max_new_tokens=5, suppress_repeat=False)
         b, s, t = gen.tokens.shape
         tokens = jnp.concatenate([jnp.zeros((b, s, 1), jnp.int32), gen.tokens], axis=-1)
         mask = jnp.arange(t + 1) <= gen.lengths[..., None]
