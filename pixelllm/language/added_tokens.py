@@ -59,3 +59,23 @@ class AddedTokens(nnx.Module):
         kernel = (self.embedding.get_value().T if self.head is None else self.head.get_value())
         return jnp.einsum("...d,dn->...n", hidden, kernel.astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
+
+
+class AddedTokenRows:
+    """``vocab_size`` and ``add_token_rows`` of the :class:`~pixelllm.language.interface.
+    LanguageModel` interface, for a model with ``config.vocab_size``, a pretrained ``embedding``
+    ``[V, D]``, an ``lm_head`` ``[D, V]`` (None when tied) and ``added_tokens`` (None at first)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size + (self.added_tokens.count if self.added_tokens else 0)
+
+    def add_token_rows(self, count: int) -> int:
+        """``count`` new trainable token rows (and output columns when untied); returns the first
+        new id. The pretrained embedding and head are left as they are."""
+        first = self.vocab_size
+        self.added_tokens = AddedTokens.extend(
+            self.added_tokens, count, base_embedding=self.embedding.get_value(),
+            base_head=None if self.lm_head is None else self.lm_head.get_value())
+        return first
+

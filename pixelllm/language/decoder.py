@@ -67,7 +67,7 @@ from flax import nnx
 from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.key_map import TRANSPOSE, Rule, prefixed
 from pixelllm.language import decoding
-from pixelllm.language.added_tokens import AddedTokens
+from pixelllm.language.added_tokens import AddedTokenRows, AddedTokens
 from pixelllm.language.interface import DecodeStart, TextOutput
 from pixelllm.nn import activations, lora
 from pixelllm.nn import remat as remat_lib
@@ -355,7 +355,7 @@ class DecoderBlock(nnx.Module):
         return x + h, new_cache, probs
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(AddedTokenRows, nnx.Module):
     """A decoder-only LM with a frozen base and optional LoRA adapters (``config.lora``).
 
     ``config``: a :class:`DecoderConfig` or a mapping for :meth:`DecoderConfig.from_mapping`.
@@ -385,19 +385,6 @@ class DecoderLM(nnx.Module):
     @property
     def width(self) -> int:
         return self.config.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size + (self.added_tokens.count if self.added_tokens else 0)
-
-    def add_token_rows(self, count: int) -> int:
-        """``count`` new trainable token rows (and output columns when untied); returns the first
-        new id. The pretrained embedding and head are left as they are."""
-        first = self.vocab_size
-        self.added_tokens = AddedTokens.extend(
-            self.added_tokens, count, base_embedding=self.embedding.get_value(),
-            base_head=None if self.lm_head is None else self.lm_head.get_value())
-        return first
 
     def embed(self, tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Token embeddings ``[B, L] -> [B, L, D]`` in the compute dtype, with Gemma's ``√D`` scale

@@ -62,7 +62,7 @@ from flax import nnx
 from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.key_map import TRANSPOSE, Rule, prefixed
 from pixelllm.language import decoding
-from pixelllm.language.added_tokens import AddedTokens
+from pixelllm.language.added_tokens import AddedTokenRows, AddedTokens
 from pixelllm.language.interface import DecodeStart, TextOutput
 from pixelllm.nn import activations, lora
 from pixelllm.nn import remat as remat_lib
@@ -473,7 +473,7 @@ class Decoder(nnx.Module):
         return x, layers_cache, {i: probs[i] for i in attention_layers}
 
 
-class T5(nnx.Module):
+class T5(AddedTokenRows, nnx.Module):
     """T5 encoder-decoder; see the module docstring for the cache layout.
 
     ``config``: a :class:`T5Config` or ``configs/t5.py``'s ``config.model``.
@@ -502,19 +502,6 @@ class T5(nnx.Module):
     @property
     def width(self) -> int:
         return self.config.d_model
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size + (self.added_tokens.count if self.added_tokens else 0)
-
-    def add_token_rows(self, count: int) -> int:
-        """``count`` new trainable token rows (and output columns when untied); returns the first
-        new id. The pretrained embedding and head are left as they are."""
-        first = self.vocab_size
-        self.added_tokens = AddedTokens.extend(
-            self.added_tokens, count, base_embedding=self.embedding.get_value(),
-            base_head=None if self.lm_head is None else self.lm_head.get_value())
-        return first
 
     def embed(self, tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """``tokens: [B, L]`` int -> ``[B, L, D]`` in the compute dtype (T5 does not rescale);
