@@ -44,7 +44,7 @@ def _two_way(dim, depth, mlp, downsample=2):
 OFFICIAL_PROMPT_ADAPTER = 44_030_720
 OFFICIAL_DENSE_OUTPUT_MLP = 512 * 1024 + 1024
 # The official T5 model's visual_project_layers='linear' (layers.py LinearProjectLayers): Dense
-# 1024 -> 2048 with bias, then LayerNorm with scale and bias (flax.linen eval_shape: 2,103,296).
+# 1024 -> 2048 with bias, then LayerNorm with scale and bias (2,103,296, counted with jax.eval_shape on the official scenic layer).
 OFFICIAL_T5_VISUAL_PROJECTION = 2_103_296
 
 
