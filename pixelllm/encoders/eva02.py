@@ -35,7 +35,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ from pixelllm.checkpoints.assign import assign, param_shapes
 from pixelllm.checkpoints.key_map import (
     CONV, KEEP, TRANSPOSE, Rule, Transform, apply_key_map)
 from pixelllm.nn import remat as remat_lib
+from pixelllm.nn.stacked import stack_modules
 from pixelllm.nn.layers import conv, layer_norm, linear, param
 from pixelllm.nn.resize import resize_2d
 
@@ -186,20 +187,6 @@ class Block(nnx.Module):
         return constrain(x + (y if self.drop_path2 is None else self.drop_path2(y, drop_rate)))
 
 
-def _stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
-    """Structurally identical modules -> one module whose variables gain a leading layer axis
-    (logical name None: layers are never sharded), the layout ``nnx.scan`` runs over."""
-    graphdef, *_ = nnx.split(modules[0])
-    states = [nnx.split(module)[1] for module in modules]
-    stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)
-
-    def add_layer_axis(_, variable):
-        axes = variable.get_metadata().get("logical_axes")
-        return variable if axes is None else variable.replace(logical_axes=(None, *axes))
-
-    return nnx.merge(graphdef, nnx.map_state(add_layer_axis, stacked))
-
-
 _STACKED_BLOCK_RE = re.compile(r"^blocks/(\d+)/(.+)$")
 
 
@@ -303,7 +290,7 @@ class Eva02(nnx.Module):
                   out_init_std=_INIT_STD / math.sqrt(2.0 * (i + 1)), **common)
             for i in range(depth)]
         # Built one by one either way, so both layouts start from the same weights.
-        self.blocks = _stack_modules(blocks) if scan_layers else nnx.List(blocks)
+        self.blocks = stack_modules(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = layer_norm(embed_dim, eps=layer_norm_eps, **common) if final_norm else None
 
     @classmethod
