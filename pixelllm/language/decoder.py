@@ -73,7 +73,7 @@ from pixelllm.nn import activations, lora
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.lora import LoRASettings
 from pixelllm.nn.norms import RMSNorm
-from pixelllm.nn.stacked import stack_modules
+from pixelllm.nn import stacked as stacked_lib
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -369,7 +369,7 @@ class DecoderLM(AddedTokenRows, nnx.Module):
             ("vocab", "embed"), frozen=c.frozen)
         blocks = [DecoderBlock(c, rngs=rngs) for _ in range(c.num_layers)]
         # Built one by one either way, so both layouts start from the same weights.
-        self.layers = stack_modules(blocks) if c.scan_layers else nnx.List(blocks)
+        self.layers = stacked_lib.stack_modules(blocks) if c.scan_layers else nnx.List(blocks)
         self.final_norm = _norm(c, c.hidden_size)
         self.lm_head = None if c.tie_word_embeddings else lora.weight(
             nnx.initializers.lecun_normal()(rngs.params(), (c.hidden_size, c.vocab_size), param_dtype),
@@ -518,15 +518,10 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
         def run_stack(carry, layer, is_sliding, index):
             x, kv = carry
-            layer_cache = None if kv is None else {
-                name: jax.lax.dynamic_index_in_dim(value, index, axis=1, keepdims=False)
-                for name, value in kv.items()}
-            x, layer_cache, probs = block(layer, x, of_type(masks, is_sliding),
-                                          of_type(inv_freqs, is_sliding), layer_cache)
-            if kv is not None:
-                kv = {name: jax.lax.dynamic_update_index_in_dim(value, layer_cache[name], index,
-                                                                axis=1)
-                      for name, value in kv.items()}
+            x, layer_kv, probs = block(layer, x, of_type(masks, is_sliding),
+                                       of_type(inv_freqs, is_sliding),
+                                       stacked_lib.layer_cache(kv, index))
+            kv = stacked_lib.write_layer_cache(kv, layer_kv, index)
             return (x, kv), (probs if keep_probs else None)
 
         (x, layers_cache), probs = run_stack(

@@ -68,7 +68,7 @@ from pixelllm.nn import activations, lora
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.lora import LoRASettings
 from pixelllm.nn.norms import RMSNorm
-from pixelllm.nn.stacked import stack_modules
+from pixelllm.nn import stacked as stacked_lib
 
 _ATTENTION_TARGETS = ("q", "k", "v", "o")
 # Feed-forward activations T5 configs name (``feed_forward_proj``, optionally ``gated-``).
@@ -280,7 +280,7 @@ def _norm(cfg: T5Config) -> RMSNorm:
 def _layers(cfg: T5Config, layers: list[nnx.Module]) -> nnx.Module:
     """The stack's layers, stacked for ``nnx.scan`` with ``scan_layers``. Built one by one either
     way, so both layouts start from the same weights."""
-    return stack_modules(layers) if cfg.scan_layers else nnx.List(layers)
+    return stacked_lib.stack_modules(layers) if cfg.scan_layers else nnx.List(layers)
 
 
 def _scan_rngs(rngs: nnx.Rngs | None, count: int) -> jax.Array | None:
@@ -457,14 +457,9 @@ class Decoder(nnx.Module):
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
         def run_stack(carry, layer, index, key):
             x, stacked = carry
-            layer_cache = None if stacked is None else {
-                name: jax.lax.dynamic_index_in_dim(value, index, axis=1, keepdims=False)
-                for name, value in stacked.items()}
-            x, layer_cache, probs = block(layer, x, layer_cache, _layer_rngs(key))
-            if stacked is not None:
-                stacked = {name: jax.lax.dynamic_update_index_in_dim(value, layer_cache[name],
-                                                                     index, axis=1)
-                           for name, value in stacked.items()}
+            x, layer_kv, probs = block(layer, x, stacked_lib.layer_cache(stacked, index),
+                                       _layer_rngs(key))
+            stacked = stacked_lib.write_layer_cache(stacked, layer_kv, index)
             return (x, stacked), (probs if keep_probs else None)
 
         (x, layers_cache), probs = run_stack((x, layers_cache), self.layers,

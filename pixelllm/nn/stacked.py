@@ -26,3 +26,23 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
         return variable if axes is None else variable.replace(logical_axes=(None, *axes))
 
     return nnx.merge(graphdef, nnx.map_state(add_layer_axis, stacked))
+
+
+def layer_cache(stacked: dict[str, jax.Array] | None, index: jax.Array
+                ) -> dict[str, jax.Array] | None:
+    """Layer ``index``'s slice of a stacked cache (``[B, n_layers, ...]`` leaves, batch first as
+    the decoding loops need), read inside the scanned body; None passes through."""
+    if stacked is None:
+        return None
+    return {name: jax.lax.dynamic_index_in_dim(value, index, axis=1, keepdims=False)
+            for name, value in stacked.items()}
+
+
+def write_layer_cache(stacked: dict[str, jax.Array] | None, layer: dict[str, jax.Array] | None,
+                      index: jax.Array) -> dict[str, jax.Array] | None:
+    """``stacked`` with layer ``index``'s slice replaced by ``layer`` (the whole cache is carried
+    through the scan and updated in place, not copied to a layer-major layout and back)."""
+    if stacked is None:
+        return None
+    return {name: jax.lax.dynamic_update_index_in_dim(value, layer[name], index, axis=1)
+            for name, value in stacked.items()}
