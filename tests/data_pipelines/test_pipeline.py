@@ -272,17 +272,21 @@ def test_data_configs_build_their_ops(variant, tokenizer_path):
         pipeline.with_tokenizer(config.train[0]["ops"], config.tokenizer)
 
 
-def test_smoke_config_runs_on_records(tokenizer_path):
-    config = data_config.get_config("smoke")
+def _first_smoke_batch(config, tokenizer_path, batch_size: int) -> dict:
+    """The first batch of the smoke mixture over three records of each task."""
     records = {"trace": [_ln_record(i) for i in range(3)],
                "refer": [_refer_record(i) for i in range(3)],
                "densecap": [_vg_record(i) for i in range(3)]}
     sources = [Source(entry["name"], records[entry["task"]],
                       pipeline.with_tokenizer(entry["ops"], tokenizer_path), entry["weight"])
                for entry in config.train]
-    p = InputPipeline(sources, batch_size=config.batch_size, sizes=Sizes(**config.sizes),
-                      seed=config.seed, process_index=0, process_count=1)
-    batch = next(iter(p))
+    return next(iter(InputPipeline(sources, batch_size=batch_size, sizes=Sizes(**config.sizes),
+                                   seed=config.seed, process_index=0, process_count=1)))
+
+
+def test_smoke_config_runs_on_records(tokenizer_path):
+    config = data_config.get_config("smoke")
+    batch = _first_smoke_batch(config, tokenizer_path, config.batch_size)
     for key, (shape, dtype) in batch_lib.example_spec(Sizes(**config.sizes)).items():
         assert batch[key].shape == (config.batch_size, *shape) and batch[key].dtype == dtype
     # What the model checks on its side of the contract.
@@ -300,14 +304,7 @@ def test_a_pipeline_batch_passes_the_step_checker_and_the_tiny_models_loss(token
     from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
     config = data_config.get_config("smoke")
-    records = {"trace": [_ln_record(i) for i in range(3)],
-               "refer": [_refer_record(i) for i in range(3)],
-               "densecap": [_vg_record(i) for i in range(3)]}
-    sources = [Source(entry["name"], records[entry["task"]],
-                      pipeline.with_tokenizer(entry["ops"], tokenizer_path), entry["weight"])
-               for entry in config.train]
-    batch = next(iter(InputPipeline(sources, batch_size=8, sizes=Sizes(**config.sizes),
-                                    seed=config.seed, process_index=0, process_count=1)))
+    batch = _first_smoke_batch(config, tokenizer_path, 8)
     proposals = batch["task_proposals"] > 0
     assert proposals.any() and not proposals.all()
     # Dense-captioning slots are empty in the data but carry the task prompt for the model.
