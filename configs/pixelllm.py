@@ -10,8 +10,9 @@ Both encoders run on the 384 canvas as the official PixelLLM (SAM: 24x24x256; EV
 the last 6 pixels unseen); their maps are fused at 27x27x1280. Module sizes follow the official
 code (scenic `projects/pixel_llm/modeling/prompt_adapter.py`, `point_predictor.py`,
 `mask_adapter.py`): prompt adapter depth 6 / width 512 / 8 heads / MLP 2048 / 32 queries, point
-MLP 3 x 512, mask adapter 2 layers of 256; the proposal head is a single-level class-agnostic
-CenterNet on the fused map (the official `box_decoder.py` uses CenterNet2 on a feature pyramid).
+MLP 3 x 512, mask adapter 2 layers of 256; the proposal head is the official CenterNet2
+(`box_decoder.py`: a simple feature pyramid from the fused map, CenterNet proposals, one RoI
+stage), or the light single-level head (`--config.model.proposal_head.kind=light`).
 
 `dtype` is the compute dtype of the whole model ("bfloat16" on accelerators; parameters stay
 float32), `remat` its rematerialization policy ("none" keeps every activation), and
@@ -27,6 +28,7 @@ from configs import decoder_lm as decoder_lm_config
 from configs import eva02 as eva02_config
 from configs import sam as sam_config
 from configs import t5 as t5_config
+from pixelllm.models.pixel_llm import centernet2
 
 _LANGUAGE_MODELS = {
     "t5_xl": ("t5", "flan_t5_xl"),
@@ -40,6 +42,28 @@ _LANGUAGE_MODELS = {
 def _language_model(kind: str, variant: str) -> dict:
     source = t5_config if kind == "t5" else decoder_lm_config
     return {"kind": kind, "model": source.get_config(variant).model.to_dict()}
+
+
+def _centernet2(tiny: bool) -> dict:
+    """The official detector's settings (scenic ``configs/t5/pixel_llm_t5_densecap.py``
+    ``box_decoder_args``); tiny: the same structure on a 32-pixel canvas, strides and sizes / 4."""
+    if tiny:
+        return dict(width=32, upsample_features=16, num_convs=1, roi_hidden=(32, 32),
+                    strides=(2.0, 4.0, 8.0, 16.0, 32.0),
+                    size_ranges=((0.0, 10.0), (8.0, 20.0), (16.0, 40.0), (32.0, 80.0),
+                                 (64.0, 12500.0)),
+                    min_radius=1.0, pre_nms_train=64, post_nms_train=16, pre_nms_test=32,
+                    post_nms_test=16, proposal_nms_iou=0.9, roi_iou=0.6, roi_samples=16,
+                    roi_positive_fraction=0.25, roi_size=7, roi_sampling_ratio=2,
+                    mult_proposal_score=True, detection_score_threshold=0.05,
+                    detection_nms_iou=0.5, num_detections=8)
+    return dict(width=256, upsample_features=384, num_convs=4, roi_hidden=(1024, 1024),
+                strides=centernet2.OFFICIAL_STRIDES, size_ranges=centernet2.OFFICIAL_SIZE_RANGES,
+                min_radius=4.0, pre_nms_train=2000, post_nms_train=1000, pre_nms_test=1000,
+                post_nms_test=256, proposal_nms_iou=0.9, roi_iou=0.6, roi_samples=512,
+                roi_positive_fraction=0.25, roi_size=7, roi_sampling_ratio=2,
+                mult_proposal_score=True, detection_score_threshold=0.05, detection_nms_iou=0.5,
+                num_detections=100)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -81,10 +105,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            box_source="points"),
         "mask_adapter": (dict(num_queries=2, depth=1, num_heads=4, mlp_dim=64) if tiny else
                          dict(num_queries=2, depth=2, num_heads=8, mlp_dim=2048)),
-        "proposal_head": dict(hidden=16 if tiny else 256, num_convs=2 if tiny else 4,
-                              num_levels=1),
-        "proposals": dict(top_k=8 if tiny else 100, iou_threshold=0.6,
-                          num_text_proposals=2 if tiny else 16),
+        # kind "centernet2" (official detector) or "light" (one CenterNet level, no RoI stage).
+        "proposal_head": dict(kind="centernet2", centernet2=_centernet2(tiny), light=dict(
+            hidden=16 if tiny else 256, num_convs=2 if tiny else 4, num_levels=1,
+            top_k=8 if tiny else 100, iou_threshold=0.6, min_radius=4.0)),
+        # Caption slots per dense-captioning image in training (official 32 in the densecap
+        # stage, 16 in multi-task); mult_caption_score: rank detections by sqrt(detector score x
+        # caption likelihood) instead of the detector's score (official False).
+        "dense_captioning": dict(num_text_proposals=2 if tiny else 16, mult_caption_score=False),
         "frozen": ("sam",),
     })
     # Loss weights (pixelllm/models/pixel_llm/objective.py). Pixel L1 terms: the official 0.1.
@@ -93,8 +121,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Official referring loss: L1 on the box corners only (GIoU weight 0; our extension:
         # 1.0) and no text loss on referring slots (text_on_referring False; extension: True).
         "point": 0.1, "box_l1": 0.1, "box_giou": 0.0, "text_on_referring": False,
+        # Official sam_mask_loss: dice and the IoU target over the whole canvas (padding
+        # included); mask_overlap_valid_only True takes them over the valid area.
         "mask_focal": 20.0, "mask_dice": 1.0, "mask_iou_mse": 1.0,
-        "proposal_heatmap": 0.5, "proposal_giou": 1.0,
+        "mask_overlap_valid_only": False,
+        # CenterNet2's det_loss (det_loss_weight 1): heatmap focal 0.5, GIoU 1, RoI class and
+        # box 1 (the light head has no RoI terms).
+        "proposal_heatmap": 0.5, "proposal_giou": 1.0, "proposal_roi_class": 1.0,
+        "proposal_roi_box": 1.0,
     })
     config.sharding = common.sharding_config()
     config.lock()

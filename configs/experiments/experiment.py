@@ -67,8 +67,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     agree("model.point_head.num_points", model.point_head.num_points,
           "data.sizes.points_per_token", sizes.points_per_token)
     # Dense captioning writes its matched proposals into the batch's slots.
-    if model.proposals.num_text_proposals > sizes.slots:
-        problems.append(f"model.proposals.num_text_proposals {model.proposals.num_text_proposals} "
+    if model.dense_captioning.num_text_proposals > sizes.slots:
+        problems.append(f"model.dense_captioning.num_text_proposals {model.dense_captioning.num_text_proposals} "
                         f"> data.sizes.slots {sizes.slots}")
     problems += _decoder_context_problems(model, sizes)
     for group in ("train", "eval"):

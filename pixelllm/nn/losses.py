@@ -143,20 +143,26 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
-                weights: jax.Array, predicted_iou: jax.Array, *, focal_alpha: float = 0.25,
-                focal_gamma: float = 2.0) -> dict[str, LossValue]:
+                weights: jax.Array, predicted_iou: jax.Array, *, focal_alpha: float = 0.5,
+                focal_gamma: float = 2.0,
+                overlap_valid_only: bool = False) -> dict[str, LossValue]:
     """SAM's mask losses: focal, dice and the MSE of the IoU prediction.
 
     Args:
       logits: ``[N, H, W]`` mask logits (any leading dims in place of ``N``).
       targets: ``[N, H, W]`` bool ground-truth masks.
-      pixel_valid: ``[N, H, W]`` bool; pixels outside (canvas padding) take no part in any term.
+      pixel_valid: ``[N, H, W]`` bool; pixels outside (canvas padding) take no part in the focal
+        term (and in dice and IoU with ``overlap_valid_only``).
       weights: ``[N]``, one per mask.
       predicted_iou: ``[N]``, the model's estimate of its mask's IoU.
+      focal_alpha, focal_gamma: the focal term's (scenic's defaults 0.5 and 2, which the
+        official mask loss uses).
+      overlap_valid_only: dice and the IoU target over the valid pixels only (extension); the
+        official ``sam_mask_loss`` takes them over the whole canvas, padding included.
 
     Per mask: ``focal`` is the focal loss averaged over valid pixels; ``dice`` is
-    ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` with sigmoid probabilities over valid pixels;
-    ``iou_mse`` is ``(predicted_iou - IoU(logits > 0, targets))^2`` with the actual IoU a constant
+    ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` with sigmoid probabilities; ``iou_mse`` is
+    ``(predicted_iou - IoU(logits > 0, targets))^2`` with the actual IoU a constant
     (stop-gradient) and 1 when both masks are empty. Each returns ``normalizer = sum(weights)``:
     DETR/SAM divide by the number of masks.
     """
@@ -175,13 +181,16 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
     focal = jnp.sum(_elementwise_focal(logits, truth, focal_alpha, focal_gamma) * valid,
                     axis=pixel_axes) / num_valid
 
-    prob = jax.nn.sigmoid(logits.astype(_FLOAT)) * valid
-    dice = 1.0 - ((2.0 * jnp.sum(prob * truth, axis=pixel_axes) + 1.0)
-                  / (jnp.sum(prob, axis=pixel_axes) + jnp.sum(truth, axis=pixel_axes) + 1.0))
+    overlap_pixels = valid if overlap_valid_only else jnp.ones_like(valid)
+    overlap_truth = targets.astype(_FLOAT) * overlap_pixels
+    prob = jax.nn.sigmoid(logits.astype(_FLOAT)) * overlap_pixels
+    dice = 1.0 - ((2.0 * jnp.sum(prob * overlap_truth, axis=pixel_axes) + 1.0)
+                  / (jnp.sum(prob, axis=pixel_axes) + jnp.sum(overlap_truth, axis=pixel_axes)
+                     + 1.0))
 
-    pixel_valid = pixel_valid.astype(bool)
-    predicted_mask = (logits > 0) & pixel_valid
-    true_mask = targets.astype(bool) & pixel_valid
+    overlap_pixels = overlap_pixels.astype(bool)
+    predicted_mask = (logits > 0) & overlap_pixels
+    true_mask = targets.astype(bool) & overlap_pixels
     intersection = jnp.sum(predicted_mask & true_mask, axis=pixel_axes).astype(_FLOAT)
     union = jnp.sum(predicted_mask | true_mask, axis=pixel_axes).astype(_FLOAT)
     actual_iou = jnp.where(union > 0, intersection / jnp.maximum(union, 1.0), 1.0)
@@ -193,7 +202,8 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
 
 
 def heatmap_focal_loss(logits: jax.Array, heatmap: jax.Array, valid: jax.Array, *,
-                       gamma: float = 2.0, beta: float = 4.0, sigmoid_clamp: float = 1e-4,
+                       alpha: float = 0.25, gamma: float = 2.0, beta: float = 4.0,
+                       sigmoid_clamp: float = 1e-4,
                        ignore_high_fp: float = 0.85) -> tuple[LossValue, LossValue]:
     """CenterNet's penalty-reduced focal loss on a class-agnostic heatmap.
 
@@ -203,13 +213,15 @@ def heatmap_focal_loss(logits: jax.Array, heatmap: jax.Array, valid: jax.Array, 
       heatmap: same shape, Gaussian targets in [0, 1]; exactly 1 at object centres (positives).
       valid: same shape, bool; cells outside take no part (canvas padding, images without the
         task).
+      alpha: positives weigh ``alpha``, negatives ``1 - alpha`` (CenterNet2's
+        ``POS_WEIGHT`` 0.25 / ``NEG_WEIGHT`` 0.75); a negative value weighs both 1.
       gamma, beta: focal exponent and the penalty reduction ``(1 - y)^beta`` of negatives.
       sigmoid_clamp: probabilities are clamped to ``[c, 1 - c]`` before the logs.
       ignore_high_fp: negatives predicted with ``p >= ignore_high_fp`` are dropped (CenterNet2's
         ``IGNORE_HIGH_FP``: likely unlabelled objects); a value <= 0 keeps them all.
 
-    Returns ``(positive, negative)``: ``-sum log(p) (1 - p)^gamma`` over positives and
-    ``-sum log(1 - p) p^gamma (1 - y)^beta`` over all valid cells (positives have ``y = 1`` and so
+    Returns ``(positive, negative)``: ``-alpha sum log(p) (1 - p)^gamma`` over positives and
+    ``-(1 - alpha) sum log(1 - p) p^gamma (1 - y)^beta`` over all valid cells (positives have ``y = 1`` and so
     weight 0). Both share ``normalizer = max(#positives, 1)`` as CenterNet2 / GRiT, except that it
     is 0 when no cell is valid, so that a shard without the task adds nothing when normalizers are
     summed across devices.
@@ -221,8 +233,9 @@ def heatmap_focal_loss(logits: jax.Array, heatmap: jax.Array, valid: jax.Array, 
     valid = valid.astype(bool)
     prob = jnp.clip(jax.nn.sigmoid(logits.astype(_FLOAT)), sigmoid_clamp, 1.0 - sigmoid_clamp)
     positive = (heatmap == 1.0) & valid
-    positive_loss = -jnp.log(prob) * (1.0 - prob) ** gamma
-    negative_weight = (1.0 - heatmap) ** beta * valid
+    positive_weight, negative_scale = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+    positive_loss = -positive_weight * jnp.log(prob) * (1.0 - prob) ** gamma
+    negative_weight = negative_scale * (1.0 - heatmap) ** beta * valid
     if ignore_high_fp > 0:
         negative_weight = negative_weight * (prob < ignore_high_fp)
     negative_loss = -jnp.log(1.0 - prob) * prob ** gamma

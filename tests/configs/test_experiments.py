@@ -54,7 +54,7 @@ def test_data_sizes_override_without_op_chains_is_refused():
 
 def test_more_text_proposals_than_slots_is_refused():
     config = smoke.get_config()
-    config.model.proposals.num_text_proposals = 3
+    config.model.dense_captioning.num_text_proposals = 3
     with pytest.raises(ValueError, match=r"num_text_proposals 3 > data\.sizes\.slots 2"):
         experiment.check(config)
 

@@ -123,7 +123,8 @@ def test_mask_losses_hand_values():
     valid = np.array([[[1, 1], [1, 0]], [[1, 1], [1, 1]], [[1, 1], [1, 1]]], bool)
     weights = np.array([1.0, 0.0, 2.0], np.float32)
     predicted_iou = np.array([0.8, 0.3, 0.25], np.float32)
-    out = losses.mask_losses(*map(jnp.asarray, (logits, targets, valid, weights, predicted_iou)))
+    inputs = tuple(map(jnp.asarray, (logits, targets, valid, weights, predicted_iou)))
+    out = losses.mask_losses(*inputs, focal_alpha=0.25, overlap_valid_only=True)
 
     # Mask 0, valid pixels (0,0) logit 2 target 1, (0,1) -2 / 0, (1,0) 0.5 / 0.
     focal0 = (_numpy_focal(2.0, 1) + _numpy_focal(-2.0, 0) + _numpy_focal(0.5, 0)) / 3
@@ -140,6 +141,18 @@ def test_mask_losses_hand_values():
                                (0.8 - iou0) ** 2 + 2 * (0.25 - iou2) ** 2, rtol=1e-5)
     for value in out.values():
         assert float(value.normalizer) == 3.0
+
+    # Official defaults: focal alpha 0.5; dice and the IoU target over every pixel, so mask 0's
+    # padding pixel (1, 1) (logit 10, target 1) counts in both.
+    official = losses.mask_losses(*inputs)
+    focal0 = sum(_numpy_focal(x, t, alpha=0.5) for x, t in ((2.0, 1), (-2.0, 0), (0.5, 0))) / 3
+    np.testing.assert_allclose(official["focal"].total,
+                               focal0 + 2 * _numpy_focal(-1.0, 0, alpha=0.5), rtol=1e-5)
+    p = _sigmoid([2.0, -2.0, 0.5, 10.0])
+    dice0 = 1 - (2 * (p[0] + p[3]) + 1) / (p.sum() + 2 + 1)
+    np.testing.assert_allclose(official["dice"].total, dice0 + 2 * dice2, rtol=1e-5)
+    np.testing.assert_allclose(official["iou_mse"].total,
+                               (0.8 - 2 / 3) ** 2 + 2 * (0.25 - iou2) ** 2, rtol=1e-5)
 
 
 def test_mask_losses_gradients_finite_and_iou_target_is_constant():
@@ -163,7 +176,7 @@ def test_heatmap_focal_loss_hand_values():
     logits = jnp.array([[0.0, 0.0, 2.0, 5.0, -100.0]])
     heatmap = jnp.array([[1.0, 0.5, 0.0, 0.0, 1.0]])
     valid = jnp.array([[True, True, True, False, True]])
-    positive, negative = losses.heatmap_focal_loss(logits, heatmap, valid)
+    positive, negative = losses.heatmap_focal_loss(logits, heatmap, valid, alpha=-1.0)
     # Positives: cell 0 (p = 1/2) and cell 4 (p clamped to 1e-4).
     np.testing.assert_allclose(
         positive.total, math.log(2) * 0.25 - math.log(1e-4) * (1 - 1e-4) ** 2, rtol=1e-5)
@@ -172,10 +185,17 @@ def test_heatmap_focal_loss_hand_values():
     np.testing.assert_allclose(negative.total, math.log(2) * 0.25 * 0.5 ** 4, rtol=1e-5)
     assert float(positive.normalizer) == float(negative.normalizer) == 2.0
 
-    _, keep_all = losses.heatmap_focal_loss(logits, heatmap, valid, ignore_high_fp=0.0)
+    _, keep_all = losses.heatmap_focal_loss(logits, heatmap, valid, alpha=-1.0,
+                                            ignore_high_fp=0.0)
     p = _sigmoid(2.0)
     np.testing.assert_allclose(keep_all.total,
                                math.log(2) * 0.25 * 0.5 ** 4 - math.log(1 - p) * p ** 2, rtol=1e-5)
+
+    # The default alpha is CenterNet2's: positives x 0.25, negatives x 0.75.
+    weighted_pos, weighted_neg = losses.heatmap_focal_loss(logits, heatmap, valid)
+    np.testing.assert_allclose(weighted_pos.total, 0.25 * positive.total, rtol=1e-6)
+    np.testing.assert_allclose(weighted_neg.total, 0.75 * negative.total, rtol=1e-6)
+    assert float(weighted_pos.normalizer) == float(positive.normalizer)
 
 
 def test_heatmap_focal_loss_normalizer_without_positives():

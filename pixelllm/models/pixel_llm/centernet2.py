@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelllm.models.pixel_llm.detector import (CaptionCandidates, Detections,
+                                                 DetectorTraining)
 from pixelllm.nn import box_ops, layers, losses
 from pixelllm.nn.nms import non_max_suppression
 from pixelllm.nn.roi_align import multilevel_roi_align
@@ -74,13 +76,6 @@ _GROUP_NORM_GROUPS = 32
 _NORM_EPS = 1e-6  # Flax defaults, which the official GroupNorm and LayerNorm use
 _FAR = 1e8  # the official INF: "no box" in distance comparisons
 _ROI_CANONICAL_SIZE, _ROI_CANONICAL_LEVEL = 224.0, 4  # FPN paper, Eq. 1
-
-
-class Proposals(NamedTuple):
-    """``boxes [B, N, 4]`` canvas pixels, ``scores [B, N]`` (descending), ``valid [B, N]`` bool."""
-    boxes: jax.Array
-    scores: jax.Array
-    valid: jax.Array
 
 
 class RoiSamples(NamedTuple):
@@ -462,10 +457,13 @@ def roi_loss(outputs: TrainOutputs, gt_boxes: jax.Array, image_weight: jax.Array
 
 
 class CenterNet2(nnx.Module):
-    """The official dense-captioning detector (module docstring) on ``features [B, h, w, C]``.
+    """The official dense-captioning detector (module docstring) on ``features [B, h, w, C]``;
+    implements :class:`~pixelllm.models.pixel_llm.detector.Detector`.
 
     Args:
       in_features: channels ``C`` of the fused map.
+      canvas_size: the square canvas side; proposals and detections are clipped to the canvas
+        (the official clips to the padded image, not the valid area).
       width: FPN and head channels. upsample_features: see :class:`SimpleFeaturePyramid`.
       num_convs: head tower depth. roi_hidden: RoI FC widths.
       strides, size_ranges: per level (official labels, see Geometry).
@@ -477,8 +475,8 @@ class CenterNet2(nnx.Module):
         detections.
     """
 
-    def __init__(self, *, in_features: int, width: int = 256, upsample_features: int = 384,
-                 num_convs: int = 4, roi_hidden: Sequence[int] = (1024, 1024),
+    def __init__(self, *, in_features: int, canvas_size: int, width: int = 256,
+                 upsample_features: int = 384, num_convs: int = 4, roi_hidden: Sequence[int] = (1024, 1024),
                  strides: Sequence[float] = OFFICIAL_STRIDES,
                  size_ranges: Sequence[Sequence[float]] = OFFICIAL_SIZE_RANGES,
                  min_radius: float = 4.0, pre_nms_train: int = 2000, post_nms_train: int = 1000,
@@ -493,6 +491,7 @@ class CenterNet2(nnx.Module):
             raise ValueError(f"CenterNet2 has 5 pyramid levels: got {len(strides)} strides and "
                              f"{len(size_ranges)} size ranges")
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.canvas_size = canvas_size
         self.strides = tuple(float(s) for s in strides)
         self.size_ranges = tuple(tuple(float(v) for v in r) for r in size_ranges)
         self.min_radius = min_radius
@@ -516,10 +515,12 @@ class CenterNet2(nnx.Module):
         pyramid = self.pyramid(features)
         return pyramid, self.head(pyramid)
 
-    def propose(self, levels: Sequence[LevelOutput], image_wh: jax.Array, *, training: bool
-                ) -> Proposals:
-        """Top ``pre_nms`` cells as boxes, NMS to ``post_nms``, clipped to ``image_wh [B, 2]``
-        (the official passes the padded canvas size). No gradient flows into the boxes."""
+    def _canvas_wh(self, batch: int) -> jax.Array:
+        return jnp.full((batch, 2), float(self.canvas_size), jnp.float32)
+
+    def propose(self, levels: Sequence[LevelOutput], *, training: bool) -> Detections:
+        """Top ``pre_nms`` cells as boxes, NMS to ``post_nms``, clipped to the canvas. No gradient
+        flows into the boxes."""
         logits, ltrb = _flatten_levels(levels)
         centres, cell_strides = cell_centres([h.shape[1:3] for h, _ in levels], self.strides)
         pre_nms, post_nms = ((self.pre_nms_train, self.post_nms_train) if training
@@ -534,9 +535,10 @@ class CenterNet2(nnx.Module):
         keep, kept = jax.vmap(lambda b, s: non_max_suppression(
             b, s, iou_threshold=self.proposal_nms_iou,
             max_output=post_nms))(boxes, scores)
-        boxes = _clip(jnp.take_along_axis(boxes, keep[..., None], axis=1), image_wh)
+        boxes = _clip(jnp.take_along_axis(boxes, keep[..., None], axis=1),
+                      self._canvas_wh(boxes.shape[0]))
         scores = jnp.where(kept, jnp.take_along_axis(scores, keep, axis=1), 0.0)
-        return Proposals(boxes, jax.lax.stop_gradient(scores), kept)
+        return Detections(boxes, jax.lax.stop_gradient(scores), kept)
 
     def classify(self, pyramid: Sequence[jax.Array], boxes: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
@@ -551,31 +553,31 @@ class CenterNet2(nnx.Module):
                                       sampling_ratio=self.roi_sampling_ratio)
         return self.box_head(pooled)
 
-    def detect(self, features: jax.Array, image_wh: jax.Array) -> tuple[Proposals, Proposals]:
-        """Inference: ``(detections, proposals)``; detections ``[B, num_detections]`` with
-        ``valid`` = kept by NMS with score above the threshold."""
+    def detect(self, features: jax.Array, *, valid_wh: jax.Array) -> Detections:
+        """Inference: ``num_detections`` per image, ``valid`` = kept by NMS with a score above
+        the threshold. ``valid_wh`` is not read: the official clips to the padded canvas."""
+        del valid_wh
         pyramid, levels = self(features)
-        proposals = self.propose(levels, image_wh, training=False)
+        proposals = self.propose(levels, training=False)
         class_logits, box_deltas = self.classify(pyramid, proposals.boxes)
         scores = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., 1]
         if self.mult_proposal_score:
             scores = jnp.sqrt(scores * proposals.scores)
-        boxes = _clip(decode_deltas(box_deltas, proposals.boxes), image_wh)
+        boxes = _clip(decode_deltas(box_deltas, proposals.boxes),
+                      self._canvas_wh(features.shape[0]))
         candidates = proposals.valid & (scores > self.detection_score_threshold)
         keep, kept = jax.vmap(lambda b, s, v: non_max_suppression(
             b, s, iou_threshold=self.detection_nms_iou, max_output=self.num_detections,
             valid=v))(boxes, scores, candidates)
-        detections = Proposals(jnp.take_along_axis(boxes, keep[..., None], axis=1),
-                               jnp.where(kept, jnp.take_along_axis(scores, keep, axis=1), 0.0),
-                               kept)
-        return detections, proposals
+        return Detections(jnp.take_along_axis(boxes, keep[..., None], axis=1),
+                          jnp.where(kept, jnp.take_along_axis(scores, keep, axis=1), 0.0), kept)
 
-    def train_outputs(self, features: jax.Array, gt_boxes: jax.Array, gt_mask: jax.Array,
-                      image_wh: jax.Array, *, key: jax.Array) -> TrainOutputs:
+    def train_outputs(self, features: jax.Array, gt_boxes: jax.Array, gt_mask: jax.Array, *,
+                      key: jax.Array) -> TrainOutputs:
         """Training forward: head outputs, sampled RoIs (proposals + ground truth) and the RoI
         stage's outputs on them."""
         pyramid, levels = self(features)
-        proposals = self.propose(levels, image_wh, training=True)
+        proposals = self.propose(levels, training=True)
         gt_mask = gt_mask.astype(bool)
         candidates = jnp.concatenate([proposals.boxes, gt_boxes.astype(jnp.float32)], axis=1)
         candidate_valid = jnp.concatenate([proposals.valid, gt_mask], axis=1)
@@ -593,6 +595,23 @@ class CenterNet2(nnx.Module):
                               min_radius=self.min_radius)
         terms.update(roi_loss(outputs, gt_boxes, image_weight))
         return terms
+
+    def forward_train(self, features: jax.Array, *, gt_boxes: jax.Array, gt_mask: jax.Array,
+              image_weight: jax.Array, valid_wh: jax.Array, key: jax.Array
+              ) -> DetectorTraining:
+        """The official training forward of ``FpnCenterNet2`` inside PixelLLM: images with
+        ``image_weight`` 0 have their ground truth dropped (official ``proposal_loss_valid_mask``)
+        and add nothing to the losses. Caption candidates are the sampled RoIs, positives first
+        (official ``last_proposals``), matched = positive (``match_gt_thresh`` = ``roi_iou`` =
+        0.6 in the official configs). ``valid_wh`` is not read (the official uses the padded
+        canvas)."""
+        del valid_wh
+        gt_mask = gt_mask.astype(bool) & (jnp.asarray(image_weight) > 0)[:, None]
+        outputs = self.train_outputs(features, gt_boxes, gt_mask, key=key)
+        samples = outputs.samples
+        return DetectorTraining(
+            CaptionCandidates(samples.boxes, samples.gt_index, samples.positive & samples.valid),
+            self.loss(outputs, gt_boxes, gt_mask, image_weight))
 
 
 def weighted_total(terms: Mapping[str, losses.LossValue],

@@ -1,14 +1,15 @@
 """Dense-captioning label assignment: the training slots of a dense-captioning image, built from
-its proposals and ground-truth captions (GRiT's recipe).
+its detector's caption candidates and ground-truth captions.
 
 The data gives a dense-captioning image (``task_proposals > 0``) no slots, only ground-truth
-objects (``gt_*``) and the task prompt in every slot's context. Candidates are the ground-truth
-boxes followed by the proposals (as GRiT appends the ground truth to its proposals, so captions
-train before proposals are good); each takes the caption of its best-IoU ground truth when that
-IoU is >= ``iou_threshold`` (:func:`~pixelllm.models.pixel_llm.proposal_head.assign_captions`);
-the first ``num_text_proposals`` matched candidates become the image's slots (prompt box = the
-candidate, without gradient), with the text loss on. Their other slots are empty, with no point,
-box or mask targets. Other images keep the batch's slots.
+objects (``gt_*``) and the task prompt in every slot's context (official: "an object of " and
+EOS). The detector (:mod:`~pixelllm.models.pixel_llm.detector`) orders its candidates: the
+official CenterNet2 its sampled RoIs, positives first (scenic ``get_matched_proposals_train``
+takes the first ``num_text_proposals`` of ``last_proposals``); the light head the ground truth,
+then its proposals. The first ``num_text_proposals`` matched candidates, in that order, become
+the image's slots (prompt box = the candidate, without gradient; text = the caption of its ground
+truth, with the text loss on). Their other slots are empty, with no point, box or mask targets.
+Other images keep the batch's slots.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from pixelllm import batch as batch_lib
-from pixelllm.models.pixel_llm import proposal_head as proposal_lib
+from pixelllm.models.pixel_llm.detector import CaptionCandidates
 
 
-def assign_dense_caption_slots(batch: Mapping[str, jax.Array], proposals: jax.Array, *,
-                               iou_threshold: float, num_text_proposals: int
-                               ) -> dict[str, jax.Array]:
+def assign_dense_caption_slots(batch: Mapping[str, jax.Array], candidates: CaptionCandidates,
+                               *, num_text_proposals: int) -> dict[str, jax.Array]:
     """Every per-slot key of the batch (:data:`pixelllm.batch.SLOT_KEYS`), with the slots of
-    dense-captioning images rebuilt from ``proposals [B, P, 4]`` (canvas pixels).
+    dense-captioning images rebuilt from ``candidates`` (``[B, R]``, canvas pixels).
 
     Returns the slot inputs the model runs on and the objective reads, shapes as in the batch.
     """
@@ -34,20 +34,19 @@ def assign_dense_caption_slots(batch: Mapping[str, jax.Array], proposals: jax.Ar
     count = num_text_proposals
     if count > slots:
         raise ValueError(f"num_text_proposals {count} exceeds the batch's {slots} slots")
-    gt_boxes, gt_mask = batch[batch_lib.GT_BOXES], batch[batch_lib.GT_MASK].astype(bool)
-    candidates = jnp.concatenate([gt_boxes, jax.lax.stop_gradient(proposals)], axis=1)
-    candidate_valid = jnp.concatenate([gt_mask, jnp.ones(proposals.shape[:2], bool)], axis=1)
-    gt_index, matched = proposal_lib.assign_captions(candidates, gt_boxes, gt_mask,
-                                                     iou_threshold=iou_threshold)
-    matched &= candidate_valid
-    # Matched candidates first, in candidate order (ground truth before proposals).
+    if candidates.boxes.shape[1] < count:
+        raise ValueError(f"num_text_proposals {count} exceeds the detector's "
+                         f"{candidates.boxes.shape[1]} caption candidates")
+    matched, gt_index = candidates.matched.astype(bool), candidates.gt_index
+    # Matched candidates first, in the detector's order.
     order = jnp.argsort(~matched, axis=1, stable=True)[:, :count]
     chosen = jnp.take_along_axis(matched, order, axis=1)
     chosen_gt = jnp.take_along_axis(gt_index, order, axis=1)[..., None]
     text_mask = (jnp.take_along_axis(batch[batch_lib.GT_TEXT_MASK], chosen_gt, axis=1)
                  & chosen[..., None])
     rebuilt = {
-        batch_lib.PROMPT_BOXES: jnp.take_along_axis(candidates, order[..., None], axis=1),
+        batch_lib.PROMPT_BOXES: jax.lax.stop_gradient(
+            jnp.take_along_axis(candidates.boxes, order[..., None], axis=1)),
         batch_lib.TEXT_TOKENS: jnp.take_along_axis(batch[batch_lib.GT_TEXT_TOKENS], chosen_gt,
                                                    axis=1),
         batch_lib.TEXT_MASK: text_mask,

@@ -11,7 +11,7 @@ caption                        context (prompt / question)   text
 location_caption               boxes [B, S, 4] (or points)   caption per box
 refer                          expression (context + text)   box per expression
 refer_segment                  expression                    box + mask per expression
-dense_caption                  context ("an object of ")     proposals, their captions, scores
+dense_caption                  context ("an object of ")     detections, captions, scores
 =============================  ============================  ===================================
 
 Referring tasks read the box where the expression's EOS is emitted, with the expression as the
@@ -135,32 +135,46 @@ def refer_segment(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
 
 
 class DenseCaptions(NamedTuple):
-    """``boxes [B, k, 4]`` canvas pixels, ``scores [B, k]`` = sqrt(proposal score x exp(mean
-    log-probability of the caption)) as the official rescoring, ``proposal_scores [B, k]``, and
-    the captions (:class:`Generation` over the k proposals)."""
+    """``boxes [B, N, 4]`` canvas pixels (the detector's ``N`` detections), ``scores [B, N]``,
+    ``detector_scores [B, N]``, ``valid [B, N]`` (False: padding, fewer detections survived)
+    and the captions (:class:`Generation` over the ``N`` boxes). ``scores`` are the detector's
+    (official), or ``sqrt(detector score x exp(caption score))`` with
+    ``config.model.dense_captioning.mult_caption_score`` (the official ``rescore_detections``;
+    boxes keep their order)."""
     boxes: jax.Array
     scores: jax.Array
-    proposal_scores: jax.Array
+    detector_scores: jax.Array
+    valid: jax.Array
     captions: Generation
 
 
+def rescore_by_caption(detector_scores: jax.Array, caption_log_prob: jax.Array) -> jax.Array:
+    """The official ``rescore_detections`` (greedy): ``sqrt(max(score, 0) x exp(caption
+    score))``, shapes ``[B, N]``."""
+    return jnp.sqrt(jnp.maximum(detector_scores, 0.0) * jnp.exp(caption_log_prob))
+
+
 def dense_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
-                  context_tokens: jax.Array, context_mask: jax.Array, top_k: int,
+                  context_tokens: jax.Array, context_mask: jax.Array,
                   settings: DecodeSettings) -> DenseCaptions:
-    """Dense object captioning: the proposal head's ``top_k`` boxes become location prompts.
+    """Dense object captioning: the detector's boxes become location prompts.
 
     ``context_* [B, Lc]``: the dense-captioning prompt ("an object of "), shared by the boxes.
     """
     if model.proposal_head is None:
         raise ValueError("this model has no proposal head (config.model.proposal_head is None)")
     features = model.encode_image(image, valid_wh)
-    _, boxes, proposal_scores = model.propose(features, valid_wh, top_k)
-    context = jnp.repeat(context_tokens[:, None], top_k, axis=1)
-    mask = jnp.repeat(context_mask[:, None], top_k, axis=1)
-    captions = generate(model, features, valid_wh, prompt_boxes=boxes, context_tokens=context,
-                        context_mask=mask, **settings._asdict())
-    scores = jnp.sqrt(proposal_scores * jnp.exp(captions.log_prob))
-    return DenseCaptions(boxes=boxes, scores=scores, proposal_scores=proposal_scores,
+    detections = model.proposal_head.detect(features.fused, valid_wh=valid_wh)
+    count = detections.boxes.shape[1]
+    context = jnp.repeat(context_tokens[:, None], count, axis=1)
+    mask = jnp.repeat(context_mask[:, None], count, axis=1)
+    captions = generate(model, features, valid_wh, prompt_boxes=detections.boxes,
+                        context_tokens=context, context_mask=mask, **settings._asdict())
+    scores = detections.scores
+    if model.dense_captioning.get("mult_caption_score", False):
+        scores = rescore_by_caption(scores, captions.log_prob)
+    return DenseCaptions(boxes=detections.boxes, scores=scores,
+                         detector_scores=detections.scores, valid=detections.valid,
                          captions=captions)
 
 

@@ -11,14 +11,17 @@ task per batch and scales by the batch mean of a task mask instead). Total::
   + box_giou  * (1 - GIoU(EOS box, target box))              (official weight 0)
   + mask_focal * focal + mask_dice * dice + mask_iou_mse * MSE(IoU prediction)   slots with task_mask
   + proposal_heatmap * (pos + neg focal) + proposal_giou * GIoU              images with task_proposals
+  + proposal_roi_class * CE + proposal_roi_box * L1(deltas)    (CenterNet2's RoI stage)
 
 Every per-slot target and weight comes from ``outputs.slot_inputs`` (the slots the model ran,
 dense-captioning images' rebuilt from proposals); per-image ones (valid area, ground-truth
-objects, ``task_proposals``) from the batch. Which task trains which loss is the task table's
+objects, ``task_proposals``) from the batch; the detector's terms come computed in
+``outputs.proposal_terms`` (each detector knows its own targets). Which task trains which loss is the task table's
 business (:mod:`pixelllm.tasks`, written into the batch's loss masks); :data:`WEIGHTS` maps each
 of its losses to the weights of its terms. Weights are ``config.loss`` (``configs/pixelllm.py``),
-one mapping, with the settings ``label_smoothing`` and ``text_on_referring`` beside them; pixel
-L1 weights follow the official 0.1.
+one mapping, with the settings ``label_smoothing``, ``text_on_referring`` and
+``mask_overlap_valid_only`` (dice and the IoU target on the valid area only; official: the whole
+canvas) beside them; pixel L1 weights follow the official 0.1.
 
 The official referring loss is the box L1 alone, at the token that emits EOS (scenic
 ``add_task_mask(['point'])`` with ``point_output_ignore='^end-1'``): no text loss, no GIoU. Two
@@ -34,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from pixelllm import batch as batch_lib
-from pixelllm.models.pixel_llm import proposal_head as proposal_lib
 from pixelllm.models.pixel_llm.pixel_llm import Outputs, padding_mask
 from pixelllm.nn import losses
 from pixelllm.nn.resize import resize_2d
@@ -47,10 +49,10 @@ WEIGHTS = {
     "points": ("point",),
     "box": ("box_l1", "box_giou"),
     "mask": ("mask_focal", "mask_dice", "mask_iou_mse"),
-    "proposals": ("proposal_heatmap", "proposal_giou"),
+    "proposals": ("proposal_heatmap", "proposal_giou", "proposal_roi_class", "proposal_roi_box"),
 }
 # Settings that live in the same mapping as the weights.
-SETTINGS = ("label_smoothing", "text_on_referring")
+SETTINGS = ("label_smoothing", "text_on_referring", "mask_overlap_valid_only")
 
 
 def check_weights(weights: Mapping[str, float]) -> None:
@@ -69,8 +71,8 @@ def _gate(slot_inputs: Mapping[str, jax.Array], loss: str) -> jax.Array:
             * slot_inputs[batch_lib.SLOT_MASK].astype(jnp.float32))
 
 
-def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[str, float],
-            *, canvas_size: int) -> tuple[jax.Array, dict[str, LossValue]]:
+def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[str, float]
+            ) -> tuple[jax.Array, dict[str, LossValue]]:
     """``(total, terms)``: the weighted total and every term before weighting."""
     check_weights(weights)
     slots, inputs = outputs.slots, outputs.slot_inputs
@@ -105,25 +107,21 @@ def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[s
             inputs[batch_lib.TARGET_MASKS].reshape(flat, height, width),
             valid.reshape(flat, height, width),
             _gate(inputs, "mask").reshape(flat),
-            slots.mask_iou.reshape(flat))
+            slots.mask_iou.reshape(flat),
+            overlap_valid_only=bool(weights["mask_overlap_valid_only"]))
         terms.update({f"mask_{name}": value for name, value in mask_terms.items()})
 
-    if outputs.proposals is not None:
-        grid = outputs.proposals[0][0].shape[1:3]
-        image_valid = (padding_mask(batch[batch_lib.VALID_WH] * grid[1] / canvas_size, grid)
-                       & (batch[batch_lib.TASK_PROPOSALS][:, None, None] > 0))
-        proposal_terms = proposal_lib.loss(outputs.proposals, batch[batch_lib.GT_BOXES],
-                                           batch[batch_lib.GT_MASK], canvas_size=canvas_size,
-                                           image_valid=image_valid)
-        terms.update({f"proposal_{name}": value for name, value in proposal_terms.items()})
+    if outputs.proposal_terms is not None:
+        terms.update({f"proposal_{name}": value
+                      for name, value in outputs.proposal_terms.items()})
 
     total = jnp.zeros((), jnp.float32)
     for name, value in terms.items():
-        total = total + _weight_of(name, weights) * value.mean()
+        total = total + weight_of(name, weights) * value.mean()
     return total, terms
 
 
-def _weight_of(name: str, weights: Mapping[str, float]) -> float:
+def weight_of(name: str, weights: Mapping[str, float]) -> float:
     """The weight of term ``name``: the heatmap's positive and negative focal terms share
     ``proposal_heatmap``."""
     if name.startswith("proposal_heatmap"):

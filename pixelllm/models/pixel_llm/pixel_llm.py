@@ -11,7 +11,8 @@ Data flow for a batch (keys of the batch contract, :mod:`pixelllm.batch`)::
     [visual | context tokens] + text tokens --LM--> logits [B, S, L, V], hidden          |
     hidden --point head--> token_points [B, S, L, K, 2], eos_boxes [B, S, 4]            |
     eos box (stop-gradient) + mask adapter --SAM mask decoder (frozen)--> masks <-------+
-    fused --proposal head--> heatmaps/ltrb; proposals become slots for dense captioning
+    fused --detector (CenterNet2 or light)--> losses; its caption candidates become the slots
+          of dense-captioning images
 
 Frozen parts (``frozen``, default SAM whole) are left out of :meth:`PixelLLM.trainable`: they get
 no gradient and no optimizer state; the LM's pretrained weights are
@@ -35,11 +36,14 @@ from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language.decoder import DecoderLM
 from pixelllm.language.interface import LanguageModel
 from pixelllm.language.t5 import T5
-from pixelllm.models.pixel_llm import proposal_head as proposal_lib
+from pixelllm.models.pixel_llm.centernet2 import CenterNet2
 from pixelllm.models.pixel_llm.dense_captioning import assign_dense_caption_slots
+from pixelllm.models.pixel_llm.detector import Detector
 from pixelllm.models.pixel_llm.mask_adapter import MaskAdapter
 from pixelllm.models.pixel_llm.point_head import PointHead, to_canvas
 from pixelllm.models.pixel_llm.prompt_adapter import PromptAdapter
+from pixelllm.models.pixel_llm.proposal_head import ProposalHead
+from pixelllm.nn import losses
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.resize import resize_2d
 
@@ -49,6 +53,8 @@ CLIP_STD = tuple(255.0 * v for v in (0.26862954, 0.26130258, 0.27577711))
 
 # language_model.kind -> the LanguageModel implementation built from language_model.model.
 LANGUAGE_MODELS: dict[str, type[LanguageModel]] = {"decoder": DecoderLM, "t5": T5}
+# proposal_head.kind -> the Detector implementation built from proposal_head[kind].
+DETECTORS: dict[str, type[Detector]] = {"centernet2": CenterNet2, "light": ProposalHead}
 
 
 def padding_mask(valid_wh: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
@@ -96,12 +102,13 @@ class SlotOutputs(NamedTuple):
 
 
 class Outputs(NamedTuple):
-    """Everything the losses need: the slots' outputs, the proposal head's raw outputs (a list
-    of ``(heatmap_logits, ltrb)`` per level, or None) and the slot inputs actually used: every
-    per-slot key of the batch (:data:`pixelllm.batch.SLOT_KEYS`), dense-captioning images' slots
-    rebuilt from caption-assigned proposals; the objective reads every per-slot weight here."""
+    """Everything the losses need: the slots' outputs, the detector's loss terms (None without a
+    proposal head; names as the detector gives them, gated to images with ``task_proposals``)
+    and the slot inputs actually used: every per-slot key of the batch
+    (:data:`pixelllm.batch.SLOT_KEYS`), dense-captioning images' slots rebuilt from the
+    detector's caption candidates; the objective reads every per-slot weight here."""
     slots: SlotOutputs
-    proposals: list | None
+    proposal_terms: Mapping[str, losses.LossValue] | None
     slot_inputs: dict[str, jax.Array]
 
 
@@ -120,8 +127,11 @@ class PixelLLM(nnx.Module):
       language_model: ``{"kind": "t5" | "decoder", "model": <configs/t5.py or decoder_lm.py model>}``.
       prompt_adapter, point_head, mask_adapter: keyword arguments of those modules (sizes that
         follow from the encoders and LM are filled in here).
-      proposal_head: :class:`~pixelllm.models.pixel_llm.proposal_head.ProposalHead` arguments, or None.
-      proposals: ``{"top_k", "iou_threshold", "num_text_proposals"}`` (dense captioning).
+      proposal_head: ``{"kind": "centernet2" | "light", "centernet2": {...}, "light": {...}}``:
+        the detector (:data:`DETECTORS`) and each kind's arguments, or None (no dense captioning).
+      dense_captioning: ``{"num_text_proposals", "mult_caption_score"}``: caption slots per
+        dense-captioning image in training; whether inference rescores detections by their
+        captions (official False).
       frozen: top-level attribute names kept out of training (default ``("sam",)``).
       dtype: compute dtype of every part ("bfloat16" on accelerators; parameters stay float32,
         and LayerNorm statistics, softmax, the point head's outputs and mask logits float32).
@@ -134,7 +144,7 @@ class PixelLLM(nnx.Module):
                  language_model: Mapping[str, Any], prompt_adapter: Mapping[str, Any],
                  point_head: Mapping[str, Any], mask_adapter: Mapping[str, Any] | None,
                  proposal_head: Mapping[str, Any] | None,
-                 proposals: Mapping[str, Any] | None = None,
+                 dense_captioning: Mapping[str, Any] | None = None,
                  frozen: Sequence[str] = ("sam",), dtype: str = "float32", remat: str = "none",
                  mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
                  rngs: nnx.Rngs):
@@ -147,7 +157,7 @@ class PixelLLM(nnx.Module):
             raise ValueError(f"language_model.kind {kind!r}; choose from {sorted(LANGUAGE_MODELS)}")
         self.canvas_size = canvas_size
         self.frozen = tuple(frozen)
-        self.proposal_settings = dict(proposals or {})
+        self.dense_captioning = dict(dense_captioning or {})
         self.dtype = jnp.dtype(dtype)
         remat_lib.check_remat(remat, field="model.remat")
         # The model-level compute dtype and remat policy apply to every part; parameters stay
@@ -172,8 +182,15 @@ class PixelLLM(nnx.Module):
         self.mask_adapter = None if mask_adapter is None else MaskAdapter(
             visual_features=lm_width, text_features=lm_width, prompt_features=prompt_width,
             **mask_adapter, remat=remat, **compute, rngs=rngs)
-        self.proposal_head = None if proposal_head is None else proposal_lib.ProposalHead(
-            in_features=fused_channels, **proposal_head, **compute, rngs=rngs)
+        self.proposal_head = None if proposal_head is None else self._detector(
+            proposal_head, in_features=fused_channels, **compute, rngs=rngs)
+
+    def _detector(self, settings: Mapping[str, Any], **common) -> Detector:
+        """The proposal head of ``settings["kind"]``, built from ``settings[kind]``."""
+        kind = settings["kind"]
+        if kind not in DETECTORS:
+            raise ValueError(f"model.proposal_head.kind {kind!r}; choose from {sorted(DETECTORS)}")
+        return DETECTORS[kind](canvas_size=self.canvas_size, **settings[kind], **common)
 
     @classmethod
     def from_config(cls, model_config, *, rngs: nnx.Rngs, **overrides) -> PixelLLM:
@@ -287,38 +304,32 @@ class PixelLLM(nnx.Module):
         return (masks[:, 0].reshape(batch, slots, *masks.shape[2:]),
                 iou[:, 0].reshape(batch, slots))
 
-    # ------------------------------------------------------------------ proposals
-
-    def propose(self, features: ImageFeatures, valid_wh: jax.Array, top_k: int
-                ) -> tuple[list, jax.Array, jax.Array]:
-        """Proposal head outputs, and the ``top_k`` boxes ``[B, k, 4]`` with scores ``[B, k]``."""
-        levels = self.proposal_head(features.fused)
-        strides = proposal_lib.level_strides(self.canvas_size,
-                                             [heatmap.shape[1:3] for heatmap, _ in levels])
-        boxes, scores = proposal_lib.decode(levels, strides=strides, top_k=top_k,
-                                            valid_wh=valid_wh)
-        return levels, boxes, scores
-
     # ------------------------------------------------------------------ training forward
 
     def __call__(self, batch: Mapping[str, jax.Array], *, rngs: nnx.Rngs | None = None) -> Outputs:
         """Teacher-forced forward pass over a batch of the contract (:mod:`pixelllm.batch`).
 
         The batch is validated first (shapes and dtypes: under ``jit`` this runs once, while
-        tracing); dense-captioning images get their slots from the proposals
-        (:func:`~pixelllm.models.pixel_llm.dense_captioning.assign_dense_caption_slots`).
+        tracing); dense-captioning images get their slots from the detector's caption
+        candidates (:func:`~pixelllm.models.pixel_llm.dense_captioning.assign_dense_caption_slots`).
         """
         batch_lib.validate(batch)
         features = self.encode_image(batch[batch_lib.IMAGE], batch[batch_lib.VALID_WH],
                                      rngs=rngs)
         slot_inputs = {key: batch[key] for key in batch_lib.SLOT_KEYS}
-        levels = None
+        proposal_terms = None
         if self.proposal_head is not None:
-            levels, boxes, _ = self.propose(features, batch[batch_lib.VALID_WH],
-                                            self.proposal_settings["top_k"])
+            # The training samples of the detector draw from the dropout stream; a forward
+            # pass without rngs (evaluation) samples deterministically.
+            key = jax.random.key(0) if rngs is None else rngs.dropout()
+            detector = self.proposal_head.forward_train(
+                features.fused, gt_boxes=batch[batch_lib.GT_BOXES],
+                gt_mask=batch[batch_lib.GT_MASK], image_weight=batch[batch_lib.TASK_PROPOSALS],
+                valid_wh=batch[batch_lib.VALID_WH], key=key)
+            proposal_terms = detector.terms
             slot_inputs = assign_dense_caption_slots(
-                batch, boxes, iou_threshold=self.proposal_settings["iou_threshold"],
-                num_text_proposals=self.proposal_settings["num_text_proposals"])
+                batch, detector.candidates,
+                num_text_proposals=self.dense_captioning["num_text_proposals"])
         slots = self.run_slots(features, batch[batch_lib.VALID_WH],
                                prompt_boxes=slot_inputs[batch_lib.PROMPT_BOXES],
                                context_tokens=slot_inputs[batch_lib.CONTEXT_TOKENS],
@@ -326,4 +337,4 @@ class PixelLLM(nnx.Module):
                                text_tokens=slot_inputs[batch_lib.TEXT_TOKENS],
                                text_mask=slot_inputs[batch_lib.TEXT_MASK],
                                with_masks=True, rngs=rngs)
-        return Outputs(slots=slots, proposals=levels, slot_inputs=slot_inputs)
+        return Outputs(slots=slots, proposal_terms=proposal_terms, slot_inputs=slot_inputs)

@@ -1,4 +1,5 @@
-"""Class-agnostic CenterNet-style proposal head for dense captioning (GRiT's first stage).
+"""The light proposal head of dense captioning (``config.model.proposal_head.kind = "light"``):
+a class-agnostic CenterNet head on the fused map, GRiT's first stage without its RoI stage.
 
 GRiT proposes object boxes with CenterNet2's class-agnostic CenterNet head (Zhou et al. 2021):
 per cell of a feature map, one heatmap logit (objectness, peaked at object centres) and four
@@ -19,13 +20,19 @@ a stride-2 conv of the previous one (RetinaNet's P6/P7), so level ``l`` has stri
 
 **Targets** (CenterNet2, ``only_proposal``): heatmap ``exp(-d^2 / r^2)``, nearest box wins, with
 ``d`` the distance from the cell centre to the box centre (0 at the centre cell: the positive,
-exactly 1) and ``r^2 = max(2 delta^2 area, (min_radius s)^2)``, ``delta = (1 - 0.8) / (1 + 0.8)``;
+exactly 1) and ``r^2 = max(2 delta^2 area, min_radius^2)`` (pixels), ``delta = (1 - 0.8) / (1 +
+0.8)``;
 values below 1e-4 are 0. Boxes regress at the cells of the 3x3 neighbourhood of their centre cell
 whose centre lies inside the box; a cell claimed by several boxes takes the one of smallest
 ``d^2 / r^2``. A box takes part in a level only if its half diagonal lies in the level's size
 range (CenterNet2's FPN assignment); with several levels the default ranges are CenterNet2's
 ``[0, 80], [64, 160], [128, 320], ...`` at strides 8, 16, 32, ..., i.e. ``[4 s, 10 s]``, open-ended
 at the first and last level.
+
+**Against the official detector** (:mod:`~pixelllm.models.pixel_llm.centernet2`): one level by
+default instead of a five-level pyramid, 3x3 peaks instead of NMS, no RoI stage; captions train
+on the ground-truth boxes and the proposals that match one (not on sampled RoIs); detections are
+ranked by heatmap score. The losses are CenterNet2's (focal alpha 0.25, radius 4 pixels).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelllm.nn import box_ops, losses
-from pixelllm.nn import layers
+from pixelllm.models.pixel_llm.detector import (CaptionCandidates, Detections,
+                                                 DetectorTraining)
+from pixelllm.nn import box_ops, layers, losses
 
 LevelOutput = tuple[jax.Array, jax.Array]
 
@@ -66,7 +74,8 @@ def _group_norm(features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Gro
 
 class ProposalHead(nnx.Module):
     """``features [B, h, w, C]`` -> per level ``(heatmap_logits [B, h_l, w_l], ltrb [B, h_l, w_l,
-    4])``, ``h_l = h / 2^l`` (see the module docstring for units).
+    4])``, ``h_l = h / 2^l`` (see the module docstring for units); implements
+    :class:`~pixelllm.models.pixel_llm.detector.Detector`.
 
     Input 1x1 conv + GroupNorm to ``hidden`` channels; ``num_levels - 1`` extra levels, each
     ReLU, 3x3 stride-2 conv, GroupNorm; then a tower shared by all levels of ``num_convs`` x
@@ -76,6 +85,10 @@ class ProposalHead(nnx.Module):
 
     Args:
       in_features: channels ``C`` of the input map.
+      canvas_size: the square canvas side (gives each level's stride).
+      top_k: proposals per image: caption candidates in training, detections in inference.
+      iou_threshold: a candidate matches a ground truth at this IoU (GRiT's 0.6).
+      min_radius: smallest heatmap Gaussian radius, pixels.
       hidden: tower channels.
       num_convs: tower depth.
       num_levels: pyramid levels; ``h`` and ``w`` must be divisible by ``2^(num_levels - 1)``.
@@ -83,11 +96,14 @@ class ProposalHead(nnx.Module):
         heatmap logits and box distances, are float32); ``param_dtype``: storage dtype.
     """
 
-    def __init__(self, *, in_features: int, hidden: int = 256, num_convs: int = 4,
-                 num_levels: int = 1, dtype: jnp.dtype = jnp.float32,
+    def __init__(self, *, in_features: int, canvas_size: int, top_k: int = 100,
+                 iou_threshold: float = 0.6, min_radius: float = 4.0, hidden: int = 256,
+                 num_convs: int = 4, num_levels: int = 1, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        self.canvas_size, self.top_k = canvas_size, top_k
+        self.iou_threshold, self.min_radius = iou_threshold, min_radius
         self.num_levels = num_levels
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_proj = layers.conv(in_features, hidden, 1, **common)
@@ -127,6 +143,40 @@ class ProposalHead(nnx.Module):
             ltrb = jax.nn.relu(self.scales[index] * self.ltrb(level).astype(jnp.float32))
             outputs.append((heatmap_logits, ltrb))
         return outputs
+
+    def _strides(self, levels: Sequence[LevelOutput]) -> list[float]:
+        return level_strides(self.canvas_size, [heatmap.shape[1:3] for heatmap, _ in levels])
+
+    def detect(self, features: jax.Array, *, valid_wh: jax.Array) -> Detections:
+        """The ``top_k`` peaks (:func:`decode`), clipped to the valid area; all valid."""
+        levels = self(features)
+        boxes, scores = decode(levels, strides=self._strides(levels), top_k=self.top_k,
+                               valid_wh=valid_wh)
+        return Detections(boxes, scores, jnp.ones(scores.shape, bool))
+
+    def forward_train(self, features: jax.Array, *, gt_boxes: jax.Array, gt_mask: jax.Array,
+                      image_weight: jax.Array, valid_wh: jax.Array, key: jax.Array
+                      ) -> DetectorTraining:
+        """Caption candidates: the ground-truth boxes, then the ``top_k`` proposals (GRiT
+        appends the ground truth, so captions train before proposals are good), each matched to
+        its best ground truth at ``iou_threshold``; the loss on the valid area of images with
+        ``image_weight > 0``. Draws nothing from ``key``."""
+        del key
+        levels = self(features)
+        strides = self._strides(levels)
+        gt_mask = gt_mask.astype(bool) & (jnp.asarray(image_weight) > 0)[:, None]
+        proposals, _ = decode(levels, strides=strides, top_k=self.top_k, valid_wh=valid_wh)
+        candidates = jnp.concatenate([gt_boxes.astype(jnp.float32),
+                                      jax.lax.stop_gradient(proposals)], axis=1)
+        gt_index, matched = assign_captions(candidates, gt_boxes, gt_mask,
+                                            iou_threshold=self.iou_threshold)
+        matched &= jnp.concatenate([gt_mask, jnp.ones(proposals.shape[:2], bool)], axis=1)
+        grid = levels[0][0].shape[1:3]
+        image_valid = (_valid_cells(valid_wh, grid, strides[0])
+                       & (jnp.asarray(image_weight) > 0)[:, None, None])
+        terms = loss(levels, gt_boxes, gt_mask, canvas_size=self.canvas_size,
+                     image_valid=image_valid, min_radius=self.min_radius)
+        return DetectorTraining(CaptionCandidates(candidates, gt_index, matched), terms)
 
 
 def level_strides(canvas_size: int | Sequence[int],
@@ -168,7 +218,7 @@ def _cell_centres(grid: Sequence[int], stride: float) -> tuple[jax.Array, jax.Ar
 
 
 def targets(gt_boxes: jax.Array, gt_mask: jax.Array, *, grid: Sequence[int], stride: float,
-            min_radius: float = 0.5,
+            min_radius: float = 4.0,
             size_range: tuple[float, float] | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training targets of one level (see the module docstring).
@@ -178,8 +228,7 @@ def targets(gt_boxes: jax.Array, gt_mask: jax.Array, *, grid: Sequence[int], str
       gt_mask: ``[B, G]`` bool, True on real objects.
       grid: ``(h, w)`` of the level.
       stride: the level's stride in canvas pixels.
-      min_radius: smallest Gaussian radius, in cells (0.5 cells = CenterNet2's 4 pixels at its
-        finest stride 8).
+      min_radius: smallest Gaussian radius, pixels (CenterNet2's 4).
       size_range: ``(low, high)`` half diagonals (pixels) of the boxes this level handles; None
         for all.
 
@@ -212,7 +261,7 @@ def targets(gt_boxes: jax.Array, gt_mask: jax.Array, *, grid: Sequence[int], str
 
     distance2 = ((cell_x - per_box(centre[..., 0])) ** 2 + (cell_y - per_box(centre[..., 1])) ** 2)
     distance2 = jnp.where(is_peak, 0.0, distance2)
-    radius2 = jnp.maximum(2.0 * _DELTA ** 2 * box_ops.area(boxes), (min_radius * stride) ** 2)
+    radius2 = jnp.maximum(2.0 * _DELTA ** 2 * box_ops.area(boxes), min_radius ** 2)
     scaled = jnp.where(per_box(active), distance2 / per_box(radius2), jnp.inf)
     heatmap = jnp.exp(-jnp.min(scaled, axis=-1))
     heatmap = jnp.where(heatmap < _HEATMAP_FLOOR, 0.0, heatmap)
@@ -230,6 +279,14 @@ def _ltrb_to_relative_boxes(ltrb: jax.Array) -> jax.Array:
     return jnp.concatenate([-ltrb[..., :2], ltrb[..., 2:]], axis=-1)
 
 
+def _valid_cells(valid_wh: jax.Array, grid: Sequence[int], stride: float) -> jax.Array:
+    """``valid_wh [B, 2]`` -> bool ``[B, h, w]``: cells that start inside the valid image area."""
+    extent = jnp.asarray(valid_wh, jnp.float32) / stride
+    rows = jnp.arange(grid[0], dtype=jnp.float32)[None, :, None]
+    columns = jnp.arange(grid[1], dtype=jnp.float32)[None, None, :]
+    return (columns < extent[:, 0, None, None]) & (rows < extent[:, 1, None, None])
+
+
 def _coarsen(valid: jax.Array, factor: int) -> jax.Array:
     """``[B, h, w]`` -> ``[B, h / factor, w / factor]``: a coarse cell is valid if any of its
     fine cells is."""
@@ -239,7 +296,7 @@ def _coarsen(valid: jax.Array, factor: int) -> jax.Array:
 
 def loss(outputs: Sequence[LevelOutput], gt_boxes: jax.Array, gt_mask: jax.Array, *,
          canvas_size: int | Sequence[int], image_valid: jax.Array | None = None,
-         min_radius: float = 0.5,
+         min_radius: float = 4.0,
          size_ranges: Sequence[tuple[float, float] | None] | None = None
          ) -> dict[str, losses.LossValue]:
     """CenterNet2's proposal losses over all levels.

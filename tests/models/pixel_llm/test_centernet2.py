@@ -33,7 +33,8 @@ def _count(module):
 
 
 def test_paper_size_parameter_count_equals_the_official_module():
-    model = nnx.eval_shape(lambda: cn2.CenterNet2(in_features=1280, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: cn2.CenterNet2(in_features=1280, canvas_size=384,
+                                                          rngs=nnx.Rngs(0)))
     assert (OFFICIAL_FPN, OFFICIAL_HEAD, OFFICIAL_ROI) == (5_672_832, 2_373_898, 13_901_830)
     assert _count(model.pyramid) == OFFICIAL_FPN
     assert _count(model.head) == OFFICIAL_HEAD
@@ -44,7 +45,7 @@ def test_paper_size_parameter_count_equals_the_official_module():
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny detector on 8-channel 7x7 maps (levels 14, 7, 3, 2, 1 at strides 4 ... 64)."""
-    settings = dict(in_features=8, width=32, upsample_features=16, num_convs=1, roi_hidden=(32,),
+    settings = dict(in_features=8, canvas_size=28, width=32, upsample_features=16, num_convs=1, roi_hidden=(32,),
                     strides=(4.0, 8.0, 16.0, 32.0, 64.0),
                     size_ranges=((0, 8), (6, 16), (12, 32), (24, 64), (48, 1e5)),
                     min_radius=2.0, pre_nms_train=60, post_nms_train=30, pre_nms_test=40,
@@ -127,18 +128,20 @@ def test_roi_sampling_is_official_and_seeded():
 def test_detect_is_jitted_with_static_shapes(tiny):
     model = tiny
     features = jax.random.normal(jax.random.key(0), (2, 7, 7, 8))
-    image_wh = jnp.array([[28.0, 28.0], [28.0, 20.0]])
-    detections, proposals = nnx.jit(lambda m, f, wh: m.detect(f, wh))(model, features, image_wh)
+    valid_wh = jnp.array([[28.0, 28.0], [28.0, 20.0]])
+    detections = nnx.jit(lambda m, f, wh: m.detect(f, valid_wh=wh))(model, features, valid_wh)
     assert detections.boxes.shape == (2, 5, 4) and detections.valid.shape == (2, 5)
+    proposals = nnx.jit(lambda m, f: m.propose(m(f)[1], training=False))(model, features)
     assert proposals.boxes.shape == (2, 16, 4)
     assert bool(proposals.valid.all())
     for image in range(2):
         kept = np.asarray(detections.valid[image])
         scores = np.asarray(detections.scores[image])[kept]
         assert kept.any() and (np.diff(scores) <= 0).all()
+        # Clipped to the canvas (28), not to the valid area: the official clips to the padded
+        # image.
         boxes = np.asarray(detections.boxes[image])
-        assert (boxes[..., 2] <= image_wh[image, 0]).all() and (boxes[..., 3] <= image_wh[
-            image, 1]).all() and (boxes >= 0).all()
+        assert (boxes <= 28.0).all() and (boxes >= 0).all()
 
 
 def test_training_losses_are_finite_gated_and_train_every_part(tiny):
@@ -147,10 +150,9 @@ def test_training_losses_are_finite_gated_and_train_every_part(tiny):
     gt = jnp.array([[[2.0, 2.0, 14.0, 12.0], [10.0, 6.0, 26.0, 24.0]],
                     [[4.0, 4.0, 20.0, 20.0], [0.0, 0.0, 0.0, 0.0]]])
     gt_mask = jnp.array([[True, True], [True, False]])
-    image_wh = jnp.full((2, 2), 28.0)
 
     def total(model, image_weight):
-        outputs = model.train_outputs(features, gt, gt_mask, image_wh, key=jax.random.key(3))
+        outputs = model.train_outputs(features, gt, gt_mask, key=jax.random.key(3))
         terms = model.loss(outputs, gt, gt_mask, image_weight)
         return cn2.weighted_total(terms), (terms, outputs)
 
@@ -179,4 +181,39 @@ def test_training_losses_are_finite_gated_and_train_every_part(tiny):
 
 def test_rejects_wrong_level_count():
     with pytest.raises(ValueError, match="5 pyramid levels"):
-        cn2.CenterNet2(in_features=8, width=32, strides=(8.0, 16.0), rngs=nnx.Rngs(0))
+        cn2.CenterNet2(in_features=8, canvas_size=28, width=32, strides=(8.0, 16.0),
+                       rngs=nnx.Rngs(0))
+
+
+def test_forward_train_drops_images_without_the_task_and_gives_sampled_rois(tiny):
+    """The Detector interface: caption candidates are the sampled RoIs (positives first,
+    matched = positive); an image of weight 0 has its ground truth dropped (nothing matches) and
+    adds nothing to the terms, which equal the loss of the weighted image alone."""
+    model = tiny
+    features = jax.random.normal(jax.random.key(0), (2, 7, 7, 8))
+    gt = jnp.array([[[2.0, 2.0, 14.0, 12.0], [10.0, 6.0, 26.0, 24.0]],
+                    [[4.0, 4.0, 20.0, 20.0], [0.0, 0.0, 0.0, 0.0]]])
+    gt_mask = jnp.array([[True, True], [True, False]])
+    weight = jnp.array([1.0, 0.0])
+    key = jax.random.key(3)
+    trained = nnx.jit(lambda m: m.forward_train(features, gt_boxes=gt, gt_mask=gt_mask,
+                                                image_weight=weight, valid_wh=None, key=key))(model)
+    reference = nnx.jit(lambda m: m.loss(
+        m.train_outputs(features, gt, gt_mask & (weight > 0)[:, None], key=key), gt,
+        gt_mask & (weight > 0)[:, None], weight))(model)
+    candidates = trained.candidates
+    assert candidates.boxes.shape == (2, 24, 4) and candidates.matched.shape == (2, 24)
+    matched = np.asarray(candidates.matched)
+    assert matched[0].any() and not matched[1].any()
+    # Positives first: no matched candidate after the first unmatched one.
+    first_unmatched = int(np.argmin(matched[0]))
+    assert not matched[0, first_unmatched:].any()
+    overlap = np.asarray(box_ops.pairwise_iou(candidates.boxes[0], gt[0]))
+    chosen = np.asarray(candidates.gt_index[0])
+    assert (overlap[np.arange(24), chosen][matched[0]] >= 0.6).all()
+    for name, value in reference.items():
+        np.testing.assert_allclose(float(trained.terms[name].total), float(value.total),
+                                   rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(float(trained.terms[name].normalizer),
+                                   float(value.normalizer), err_msg=name)
+    assert float(trained.terms["roi_box"].normalizer) == 24

@@ -1,11 +1,13 @@
-"""Tests for pixelllm/models/pixel_llm/dense_captioning.py on hand-made boxes: which candidates
-become slots, which captions they take, and that other images keep their slots."""
+"""Tests for pixelllm/models/pixel_llm/dense_captioning.py on hand-made candidates: which
+candidates become slots, which captions they take, and that other images keep their slots."""
 
 import jax
 import numpy as np
+import pytest
 
 from pixelllm import batch as batch_lib
 from pixelllm.models.pixel_llm.dense_captioning import assign_dense_caption_slots
+from pixelllm.models.pixel_llm.detector import CaptionCandidates
 
 
 def _batch():
@@ -28,13 +30,17 @@ def _batch():
 
 def test_matched_candidates_become_the_dense_images_slots():
     batch = _batch()
-    # Proposal 0 overlaps nothing, 1 matches the real object (IoU 0.75), 2 the padding object.
-    proposals = np.asarray([[[5, 0, 8, 3], [0, 0, 4, 3], [4, 4, 8, 8]],
-                            [[0, 0, 1, 1]] * 3], np.float32)
-    out = jax.jit(lambda b, p: assign_dense_caption_slots(b, p, iou_threshold=0.6,
-                                                          num_text_proposals=2))(batch, proposals)
+    # In the detector's order: an unmatched box, two boxes matching the real object, one box
+    # that overlaps only the padding object (never matched).
+    candidates = CaptionCandidates(
+        boxes=np.asarray([[[5, 0, 8, 3], [0, 0, 4, 4], [0, 0, 4, 3], [4, 4, 8, 8]],
+                          [[0, 0, 1, 1]] * 4], np.float32),
+        gt_index=np.asarray([[0, 0, 0, 1], [0] * 4], np.int32),
+        matched=np.asarray([[False, True, True, False], [False] * 4]))
+    out = jax.jit(lambda b, c: assign_dense_caption_slots(b, c, num_text_proposals=2))(
+        batch, candidates)
     assert set(out) == set(batch_lib.SLOT_KEYS)
-    # Ground truth first, then the matching proposal; the third slot is empty.
+    # The matched candidates in order; the third slot (past num_text_proposals) is empty.
     np.testing.assert_allclose(out["prompt_boxes"][0], [[0, 0, 4, 4], [0, 0, 4, 3], [0, 0, 0, 0]])
     np.testing.assert_array_equal(out["slot_mask"][0], [True, True, False])
     np.testing.assert_array_equal(out["task_text"][0], [1, 1, 0])
@@ -54,8 +60,20 @@ def test_matched_candidates_become_the_dense_images_slots():
 
 def test_unmatched_candidates_leave_empty_slots():
     batch = _batch()
-    batch["gt_mask"][0] = False  # no real object: nothing can match
-    proposals = np.asarray([[[0, 0, 4, 4]] * 3, [[0, 0, 1, 1]] * 3], np.float32)
-    out = assign_dense_caption_slots(batch, proposals, iou_threshold=0.6, num_text_proposals=2)
+    candidates = CaptionCandidates(boxes=np.asarray([[[0, 0, 4, 4]] * 3] * 2, np.float32),
+                                   gt_index=np.zeros((2, 3), np.int32),
+                                   matched=np.zeros((2, 3), bool))
+    out = assign_dense_caption_slots(batch, candidates, num_text_proposals=2)
     assert not np.asarray(out["slot_mask"][0]).any() and not np.asarray(out["text_mask"][0]).any()
     assert not np.asarray(out["task_text"][0]).any()
+
+
+def test_more_caption_slots_than_candidates_or_slots_is_an_error():
+    batch = _batch()
+    candidates = CaptionCandidates(boxes=np.zeros((2, 2, 4), np.float32),
+                                   gt_index=np.zeros((2, 2), np.int32),
+                                   matched=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match="exceeds the detector's 2 caption candidates"):
+        assign_dense_caption_slots(batch, candidates, num_text_proposals=3)
+    with pytest.raises(ValueError, match="exceeds the batch's 3 slots"):
+        assign_dense_caption_slots(batch, candidates, num_text_proposals=4)

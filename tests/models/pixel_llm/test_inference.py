@@ -19,7 +19,6 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
     model = build_model(tiny_t5_config, seed=7)
     batch = make_batch(7)
     b, s = batch["text_tokens"].shape[:2]
-    top_k = 3
 
     @nnx.jit
     def run(model, batch):
@@ -41,7 +40,7 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
                                            text_mask=batch["text_mask"], **context),
             "dense": inference.dense_caption(model, image, wh,
                                          context_tokens=batch["context_tokens"][:, 0],
-                                         context_mask=batch["context_mask"][:, 0], top_k=top_k,
+                                         context_mask=batch["context_mask"][:, 0],
                                          settings=SETTINGS),
         }
 
@@ -73,12 +72,23 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
     np.testing.assert_allclose(out["refer_boxes"].boxes, boxes, atol=1e-5)
     assert out["refer_boxes"].masks is None and out["refer_boxes"].mask_scores is None
 
+    # Dense captioning: CenterNet2's detections (tiny: 8 per image), ranked by the detector's
+    # score (official: no caption rescoring), clipped to the canvas.
     dense = out["dense"]
-    assert dense.boxes.shape == (b, top_k, 4) and dense.captions.tokens.shape == (b, top_k, 4)
-    np.testing.assert_allclose(
-        dense.scores, np.sqrt(dense.proposal_scores * np.exp(dense.captions.log_prob)), rtol=1e-5)
-    assert (np.diff(np.asarray(dense.proposal_scores), axis=-1) <= 0).all()
-    assert (np.asarray(dense.boxes)[..., 2:] <= wh[:, None]).all()
+    count = model.proposal_head.num_detections
+    assert dense.boxes.shape == (b, count, 4) and dense.captions.tokens.shape == (b, count, 4)
+    np.testing.assert_array_equal(dense.scores, dense.detector_scores)
+    for image in range(b):
+        kept = np.asarray(dense.valid[image])
+        assert (np.diff(np.asarray(dense.scores[image])[kept]) <= 0).all()
+    assert (np.asarray(dense.boxes) >= 0).all() and (np.asarray(dense.boxes) <= 32).all()
+
+
+def test_caption_rescoring_is_the_official_geometric_mean():
+    detector = jnp.array([[0.81, 0.25, -0.5]])
+    log_prob = jnp.log(jnp.array([[0.25, 1.0, 0.5]]))
+    np.testing.assert_allclose(inference.rescore_by_caption(detector, log_prob),
+                               [[0.45, 0.5, 0.0]], rtol=1e-6)
 
 
 def test_every_task_row_names_an_inference_entry():

@@ -21,15 +21,16 @@ from configs import pixelllm as pixelllm_config
 
 from pixelllm import batch as batch_lib
 from pixelllm.models.pixel_llm import objective
-from pixelllm.models.pixel_llm import proposal_head as proposal_lib
 from pixelllm.models.pixel_llm.pixel_llm import Outputs, SlotOutputs
+from pixelllm.nn.losses import LossValue
 
 B, S, L, V, CANVAS = 2, 2, 4, 3, 4
 EPS = 0.1
 LN2 = math.log(2.0)
 WEIGHTS = {"text": 1.5, "label_smoothing": EPS, "point": 0.1, "box_l1": 0.2, "box_giou": 0.3,
            "mask_focal": 20.0, "mask_dice": 0.5, "mask_iou_mse": 0.7,
-           "proposal_heatmap": 0.5, "proposal_giou": 1.0, "text_on_referring": False}
+           "proposal_heatmap": 0.5, "proposal_giou": 1.0, "proposal_roi_class": 0.7,
+           "proposal_roi_box": 0.9, "text_on_referring": False, "mask_overlap_valid_only": False}
 
 # Every position predicts probabilities (1/2, 1/4, 1/4) (logits (ln 2, 0, 0)). With GRiT's
 # smoothing (1 - eps on the target, eps / 2 on each other token) a token's cross-entropy is
@@ -97,14 +98,14 @@ def _hand_built(with_masks: bool = True):
              batch_lib.TASK_PROPOSALS: np.zeros((B,), f32),
              batch_lib.GT_BOXES: np.zeros((B, 1, 4), f32),
              batch_lib.GT_MASK: np.zeros((B, 1), bool)}
-    outputs = Outputs(slots=slots, proposals=None,
+    outputs = Outputs(slots=slots, proposal_terms=None,
                       slot_inputs={k: jnp.asarray(v) for k, v in slot_inputs.items()})
     return outputs, batch
 
 
 # objective.compute as one compiled program (op by op it takes seconds), compiled once per
 # structure of its inputs.
-_compute = jax.jit(functools.partial(objective.compute, weights=WEIGHTS, canvas_size=CANVAS))
+_compute = jax.jit(functools.partial(objective.compute, weights=WEIGHTS))
 
 
 def _mean(value):
@@ -143,18 +144,28 @@ def test_box_l1_and_giou_by_hand(computed):
 
 def test_mask_terms_by_hand(computed):
     _, terms = computed
-    # Focal (alpha 0.25, gamma 2) over the 8 valid pixels of image 1:
-    #   (0, 0): p = 3/4, positive: 0.25 * (1/4)^2 * ln(4/3)
-    #   (0, 1): p = 1/2, positive: 0.25 * (1/2)^2 * ln 2
-    #   6 negatives at p = 1/2:    0.75 * (1/2)^2 * ln 2 each
-    focal = (0.25 / 16 * math.log(4 / 3) + 0.25 / 4 * LN2 + 6 * 0.75 / 4 * LN2) / 8
-    # Dice: sum p = 3/4 + 7/2, sum t = 2, sum p t = 3/4 + 1/2.
-    dice = 1.0 - (2 * 1.25 + 1) / (4.25 + 2 + 1)
-    # IoU of (logits > 0) = {(0, 0)} with the target {(0, 0), (0, 1)}: 1/2; predicted 0.9.
-    iou_mse = (0.9 - 0.5) ** 2
+    # Focal (the official alpha 0.5, gamma 2) over the 8 valid pixels of image 1:
+    #   (0, 0): p = 3/4, positive: 0.5 * (1/4)^2 * ln(4/3)
+    #   (0, 1): p = 1/2, positive: 0.5 * (1/2)^2 * ln 2
+    #   6 negatives at p = 1/2:    0.5 * (1/2)^2 * ln 2 each
+    focal = (0.5 / 16 * math.log(4 / 3) + 7 * 0.5 / 4 * LN2) / 8
+    # Dice and IoU over the whole 4x4 canvas, as the official sam_mask_loss: the 8 padding
+    # pixels (p = 1/2, target 1) count. sum p = 3/4 + 15/2, sum t = 10, sum p t = 3/4 + 9/2.
+    dice = 1.0 - (2 * 5.25 + 1) / (8.25 + 10 + 1)
+    # IoU of (logits > 0) = {(0, 0)} with the 10 target pixels: 1/10; predicted 0.9.
+    iou_mse = (0.9 - 0.1) ** 2
     for name, want in (("mask_focal", focal), ("mask_dice", dice), ("mask_iou_mse", iou_mse)):
         np.testing.assert_allclose(_mean(terms[name]), want, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(float(terms[name].normalizer), 1.0, err_msg=name)
+
+    # mask_overlap_valid_only: dice and IoU over the 8 valid pixels only (sum p = 3/4 + 7/2,
+    # sum t = 2, sum p t = 3/4 + 1/2; IoU 1/2); the focal term does not change.
+    valid_only_weights = {**WEIGHTS, "mask_overlap_valid_only": True}
+    _, valid_only = jax.jit(functools.partial(objective.compute, weights=valid_only_weights))(
+        *_hand_built())
+    np.testing.assert_allclose(_mean(valid_only["mask_dice"]), 1.0 - 3.5 / 7.25, rtol=1e-5)
+    np.testing.assert_allclose(_mean(valid_only["mask_iou_mse"]), (0.9 - 0.5) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(_mean(valid_only["mask_focal"]), focal, rtol=1e-5)
 
 
 def test_total_is_the_weighted_sum_of_term_means(computed):
@@ -224,7 +235,7 @@ def test_referring_slots_train_text_only_with_the_extension_switch():
     # Slot (1, 0)'s 3 weighted targets (2, 0, 0) drop out: 0, 1 and 1 remain.
     np.testing.assert_allclose(float(terms["text"].normalizer), 3.0)
     np.testing.assert_allclose(float(terms["text"].total), CE_0 + 2 * CE_OTHER, rtol=1e-6)
-    extended = jax.jit(functools.partial(objective.compute, canvas_size=CANVAS,
+    extended = jax.jit(functools.partial(objective.compute,
                                          weights={**WEIGHTS, "text_on_referring": True}))
     _, terms = extended(official, batch)
     np.testing.assert_allclose(float(terms["text"].normalizer), 6.0)
@@ -246,37 +257,24 @@ def test_weights_must_name_every_term_exactly():
     outputs, batch = _hand_built(with_masks=False)
     misspelt = {**{k: v for k, v in WEIGHTS.items() if k != "box_giou"}, "box_gIoU": 1.0}
     with pytest.raises(ValueError, match=r"unknown \['box_gIoU'\], missing \['box_giou'\]"):
-        objective.compute(outputs, batch, misspelt, canvas_size=CANVAS)
+        objective.compute(outputs, batch, misspelt)
 
 
-def test_proposal_losses_count_only_images_with_the_task():
-    """Image 0 trains proposals, image 1 does not: the proposal terms equal the proposal loss of
-    image 0 alone, whatever image 1's predictions; their weights enter the total."""
+def test_detector_terms_are_prefixed_and_weighted():
+    """The detector's own terms enter as ``proposal_<name>``; both heatmap terms take
+    ``proposal_heatmap``, the others their own weight."""
     outputs, batch = _hand_built(with_masks=False)
-    batch = {**batch, batch_lib.TASK_PROPOSALS: np.asarray([1.0, 0.0], np.float32),
-             batch_lib.GT_BOXES: np.asarray([[[0.0, 0.0, 2.0, 2.0]]] * B, np.float32),
-             batch_lib.GT_MASK: np.ones((B, 1), bool)}
-    heatmap_logits = jax.random.normal(jax.random.key(0), (B, CANVAS, CANVAS))
-    ltrb = jax.random.uniform(jax.random.key(1), (B, CANVAS, CANVAS, 4), minval=0.5, maxval=2.0)
-    total, terms = _compute(outputs._replace(proposals=[(heatmap_logits, ltrb)]), batch)
-    alone = jax.jit(functools.partial(proposal_lib.loss, canvas_size=CANVAS))(
-        [(heatmap_logits[:1], ltrb[:1])], batch[batch_lib.GT_BOXES][:1],
-        batch[batch_lib.GT_MASK][:1])
-    for name, value in alone.items():
-        np.testing.assert_allclose(float(terms[f"proposal_{name}"].total), float(value.total),
-                                   rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(float(terms[f"proposal_{name}"].normalizer),
-                                   float(value.normalizer), err_msg=name)
-    assert float(terms["proposal_heatmap_pos"].normalizer) > 0
-    without = sum(WEIGHTS[name] * _mean(terms[name])
-                  for name in ("text", "point", "box_l1", "box_giou"))
+    detector_terms = {
+        "heatmap_pos": LossValue(jnp.float32(3.0), jnp.float32(2.0)),
+        "heatmap_neg": LossValue(jnp.float32(1.0), jnp.float32(2.0)),
+        "giou": LossValue(jnp.float32(0.5), jnp.float32(1.0)),
+        "roi_class": LossValue(jnp.float32(8.0), jnp.float32(16.0)),
+        "roi_box": LossValue(jnp.float32(1.0), jnp.float32(4.0))}
+    total, terms = _compute(outputs._replace(proposal_terms=detector_terms), batch)
+    base, base_terms = _compute(outputs, batch)
+    for name, value in detector_terms.items():
+        assert float(terms[f"proposal_{name}"].total) == float(value.total)
+    assert set(terms) - set(base_terms) == {f"proposal_{name}" for name in detector_terms}
     np.testing.assert_allclose(
-        float(total) - without,
-        WEIGHTS["proposal_heatmap"] * (_mean(alone["heatmap_pos"]) + _mean(alone["heatmap_neg"]))
-        + WEIGHTS["proposal_giou"] * _mean(alone["giou"]), rtol=1e-5)
-
-    changed = [(heatmap_logits.at[1].set(9.0), ltrb.at[1].set(0.1))]
-    _, changed_terms = _compute(outputs._replace(proposals=changed), batch)
-    for name in alone:
-        np.testing.assert_allclose(float(changed_terms[f"proposal_{name}"].total),
-                                   float(terms[f"proposal_{name}"].total), rtol=1e-6)
+        float(total) - float(base),
+        0.5 * (1.5 + 0.5) + 1.0 * 0.5 + 0.7 * 0.5 + 0.9 * 0.25, rtol=1e-6)

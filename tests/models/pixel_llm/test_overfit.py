@@ -26,7 +26,7 @@ def test_overfits_one_mixed_batch(make_batch, build_model):
     def step(model, optimizer, batch):
         def loss_fn(model):
             out = model(batch)
-            total, terms = objective.compute(out, batch, weights, canvas_size=32)
+            total, terms = objective.compute(out, batch, weights)
             return total, (terms, out.slots)
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable()),
                                      has_aux=True)

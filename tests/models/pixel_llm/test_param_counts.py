@@ -14,6 +14,7 @@ import pytest
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
+from pixelllm.models.pixel_llm.proposal_head import ProposalHead
 from pixelllm.tools import param_table
 
 REPO = Path(__file__).resolve().parents[3]
@@ -60,17 +61,22 @@ def _visual_projection(lm_width):
 
 
 def _pixelllm_modules(lm_width):
-    fused, prompt = 1024 + 256, 256
     prompt_adapter = _official_prompt_adapter() + _visual_projection(lm_width)
     # Points only: the official box is read from the points (box_source "points"), no box layer.
     point_head = 2 * lm_width + _dense(lm_width, 512) + 2 * _dense(512, 512) + _dense(512, 4)
     mask_adapter = (2 * (2 * lm_width + _dense(lm_width, 256)) + 2 * 256 + _two_way(256, 2, 2048)
                     + 2 * 256)
-    conv3 = 9 * 256 * 256 + 256
-    proposal_head = (_dense(fused, 256) + 2 * 256 + 4 * (conv3 + 2 * 256)
-                     + (9 * 256 * 1 + 1) + (9 * 256 * 4 + 4) + 1)
+    # The official CenterNet2 (FPN, CenterNet head, RoI head; tests/models/pixel_llm/
+    # test_centernet2.py pins each part against the official module).
+    proposal_head = 21_948_560
     return {"prompt_adapter": prompt_adapter, "point_head": point_head,
             "mask_adapter": mask_adapter, "proposal_head": proposal_head}
+
+
+def _light_proposal_head(fused):
+    conv3 = 9 * 256 * 256 + 256
+    return (_dense(fused, 256) + 2 * 256 + 4 * (conv3 + 2 * 256)
+            + (9 * 256 * 1 + 1) + (9 * 256 * 4 + 4) + 1)
 
 
 @pytest.mark.parametrize("variant,lm_width,lm_frozen,lm_lora", [
@@ -87,6 +93,15 @@ def test_full_size_parameter_table(variant, lm_width, lm_frozen, lm_lora):
     frozen = sum(f for _, f in expected.values())
     expected["total"] = (trainable, frozen)
     assert rows == expected
+
+
+def test_light_proposal_head_switch_at_the_paper_sizes():
+    config = pixelllm_config.get_config("t5_xl")
+    light = nnx.eval_shape(lambda: ProposalHead(
+        in_features=1280, canvas_size=384, **config.model.proposal_head.light.to_dict(),
+        rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(light, nnx.Param))) == (
+        _light_proposal_head(1280))
 
 
 def test_prompt_adapter_matches_the_official_count_at_the_t5_config():

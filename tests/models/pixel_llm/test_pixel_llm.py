@@ -11,6 +11,7 @@ from pixelllm.language.t5 import T5
 from pixelllm.models.pixel_llm import generation
 from pixelllm.models.pixel_llm import objective
 from pixelllm.models.pixel_llm.pixel_llm import eos_positions, fuse, padding_mask
+from pixelllm.nn import box_ops
 from pixelllm.nn.lora import FrozenParam
 
 
@@ -67,17 +68,25 @@ def test_forward_shapes_and_ranges(variant, make_batch, build_model):
     boxes = s.eos_boxes
     assert bool(jnp.all(boxes[..., :2] <= boxes[..., 2:]))
     assert bool(jnp.all(boxes[..., 2:] <= batch["valid_wh"][:, None]))
-    # Image 1 is dense captioning: its first num_text_proposals slots became matched candidates
-    # (the ground-truth box is always a candidate), the trace image kept its slots.
-    count = config.model.proposals.num_text_proposals
+    # Image 1 is dense captioning: its first slot is a sampled RoI matching its ground truth at
+    # IoU >= 0.6 (the ground truth is always among CenterNet2's candidates), with the caption;
+    # the trace image kept its slots.
     np.testing.assert_array_equal(out.slot_inputs["prompt_boxes"][0], batch["prompt_boxes"][0])
-    np.testing.assert_allclose(out.slot_inputs["prompt_boxes"][1, 0], batch["gt_boxes"][1, 0])
-    assert bool(out.slot_inputs["task_text"][1, 0]) and out.slot_inputs["slot_mask"][1, :count].any()
-    assert out.proposals is not None and out.proposals[0][0].shape[0] == b
-    total, terms = objective.compute(out, batch, config.loss, canvas_size=32)
+    overlap = np.where(batch["gt_mask"][1], np.asarray(box_ops.pairwise_iou(
+        out.slot_inputs["prompt_boxes"][1, :1], batch["gt_boxes"][1]))[0], -1.0)
+    assert overlap.max() >= 0.6
+    assert bool(out.slot_inputs["task_text"][1, 0]) and bool(out.slot_inputs["slot_mask"][1, 0])
+    np.testing.assert_array_equal(out.slot_inputs["text_tokens"][1, 0],
+                                  batch["gt_text_tokens"][1, overlap.argmax()])
+    assert set(out.proposal_terms) == {"heatmap_pos", "heatmap_neg", "giou", "roi_class",
+                                       "roi_box"}
+    total, terms = objective.compute(out, batch, config.loss)
     assert np.isfinite(float(total))
     assert {"text", "point", "box_l1", "box_giou", "mask_focal", "mask_dice", "mask_iou_mse",
-            "proposal_giou"} <= set(terms)
+            "proposal_giou", "proposal_roi_class", "proposal_roi_box"} <= set(terms)
+    # Only the dense-captioning image trains the detector: its RoI samples are the normalizer.
+    roi_samples = config.model.proposal_head.centernet2.roi_samples
+    assert 0 < float(terms["proposal_roi_class"].normalizer) <= roi_samples
     # No slot has the box task here: its normalizer is zero and it adds nothing.
     assert float(terms["box_l1"].normalizer) == 0.0
 
@@ -106,7 +115,7 @@ def _trainable_step(model, batch, loss_weights, learning_rate=1e-2):
     @nnx.jit
     def step(model, optimizer, batch):
         def loss_fn(model):
-            total, _ = objective.compute(model(batch), batch, loss_weights, canvas_size=32)
+            total, _ = objective.compute(model(batch), batch, loss_weights)
             return total
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable()))(
             model)

@@ -24,7 +24,8 @@ def build(config, **fields):
 
 @pytest.fixture(scope="module")
 def batch(make_batch):
-    return {key: jnp.asarray(value) for key, value in make_batch(0).items()}
+    batch = make_batch(0, batch=3, tasks=("trace", "refseg", "densecap"))
+    return {key: jnp.asarray(value) for key, value in batch.items()}
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,12 @@ def test_bfloat16_forward_is_close_to_float32(tiny_t5_config, batch, reference):
         assert got.dtype == jnp.float32, name
         error = float(jnp.abs(got - want).max())
         assert 0 < error <= BF16_TOLERANCE * float(jnp.abs(want).max()), (name, error)
-    for (heatmap, ltrb), (want_heatmap, want_ltrb) in zip(out.proposals, reference.proposals):
-        assert heatmap.dtype == ltrb.dtype == jnp.float32
-        assert float(jnp.abs(heatmap - want_heatmap).max()) <= (
-            BF16_TOLERANCE * float(jnp.abs(want_heatmap).max()))
-        assert float(jnp.abs(ltrb - want_ltrb).max()) <= (
-            BF16_TOLERANCE * float(jnp.abs(want_ltrb).max()))
+    # The detector's dense terms (RoI terms depend on which RoIs NMS keeps, a discrete choice).
+    for name in ("heatmap_pos", "heatmap_neg", "giou"):
+        got, want = out.proposal_terms[name], reference.proposal_terms[name]
+        assert got.total.dtype == jnp.float32 and float(want.normalizer) > 0, name
+        assert abs(float(got.mean()) - float(want.mean())) <= (
+            BF16_TOLERANCE * abs(float(want.mean()))), name
 
 
 def test_remat_reaches_every_tower_and_keeps_outputs(tiny_t5_config, batch, reference):

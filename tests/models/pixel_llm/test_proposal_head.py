@@ -30,8 +30,8 @@ def test_level_strides_and_default_size_ranges():
 
 
 def test_head_shapes_initialisation_logical_axes_and_sharding():
-    head = nnx.jit(lambda: ph.ProposalHead(in_features=12, hidden=48, num_convs=1, num_levels=3,
-                                           rngs=nnx.Rngs(0)))()
+    head = nnx.jit(lambda: ph.ProposalHead(in_features=12, canvas_size=64, hidden=48, num_convs=1,
+                                           num_levels=3, rngs=nnx.Rngs(0)))()
     features = jax.random.normal(jax.random.key(1), (8, 8, 8, 12))
     outputs = nnx.jit(head)(features)
     assert [(h.shape, d.shape) for h, d in outputs] == [
@@ -191,21 +191,25 @@ def test_assign_captions_hand_made_boxes():
     np.testing.assert_array_equal(lenient, [[True, True, True, False]])
 
 
-def test_tiny_head_learns_two_boxes():
+def test_tiny_head_learns_two_boxes_through_the_detector_interface():
     @nnx.jit
     def create():
-        head = ph.ProposalHead(in_features=16, hidden=32, num_convs=1, rngs=nnx.Rngs(0))
+        head = ph.ProposalHead(in_features=16, canvas_size=64, top_k=2, hidden=32, num_convs=1,
+                               rngs=nnx.Rngs(0))
         return head, nnx.Optimizer(head, optax.adam(2e-2), wrt=nnx.Param)
 
     head, optimizer = create()
     features = jax.random.normal(jax.random.key(1), (1, 8, 8, 16))
     gt_boxes = jnp.array([[[4.0, 6.0, 28.0, 30.0], [30.0, 20.0, 60.0, 50.0]]])
     gt_mask = jnp.ones((1, 2), bool)
+    valid_wh = jnp.array([[64.0, 64.0]])
 
     @nnx.jit
     def train_step(head, optimizer):
         def objective(head):
-            terms = ph.loss(head(features), gt_boxes, gt_mask, canvas_size=64)
+            terms = head.forward_train(features, gt_boxes=gt_boxes, gt_mask=gt_mask,
+                                       image_weight=jnp.ones((1,)), valid_wh=valid_wh,
+                                       key=jax.random.key(0)).terms
             return (terms["heatmap_pos"].mean() + terms["heatmap_neg"].mean()
                     + 2.0 * terms["giou"].mean())
 
@@ -218,8 +222,35 @@ def test_tiny_head_learns_two_boxes():
     for _ in range(119):
         last, _ = train_step(head, optimizer)
     assert float(last) < 0.1 * float(first)
-    boxes, scores = _jitted(ph.decode, nnx.jit(head)(features), strides=[8.0], top_k=2,
-                            valid_wh=jnp.array([[64.0, 64.0]]))
-    overlap = np.asarray(box_ops.pairwise_iou(boxes[0], gt_boxes[0]))
+    detections = nnx.jit(lambda h: h.detect(features, valid_wh=valid_wh))(head)
+    assert bool(detections.valid.all())
+    overlap = np.asarray(box_ops.pairwise_iou(detections.boxes[0], gt_boxes[0]))
     assert overlap.max(axis=0).min() > 0.8, overlap
-    assert (np.asarray(scores) > 0.5).all()
+    assert (np.asarray(detections.scores) > 0.5).all()
+
+
+def test_forward_train_candidates_are_ground_truth_then_proposals():
+    """Candidates: the ground truth (matched where real and the image has the task), then the
+    ``top_k`` proposals; an image of weight 0 matches nothing and adds nothing to the terms."""
+    head = nnx.jit(lambda: ph.ProposalHead(in_features=8, canvas_size=32, top_k=3, hidden=16,
+                                           num_convs=1, rngs=nnx.Rngs(0)))()
+    features = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    gt_boxes = jnp.array([[[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 24.0, 24.0]]] * 2)
+    gt_mask = jnp.array([[True, False], [True, True]])
+    valid_wh = jnp.array([[32.0, 32.0], [32.0, 16.0]])
+    out = nnx.jit(lambda h, w: h.forward_train(features, gt_boxes=gt_boxes, gt_mask=gt_mask,
+                                               image_weight=w, valid_wh=valid_wh,
+                                               key=jax.random.key(0)))
+    trained = out(head, jnp.array([1.0, 0.0]))
+    assert trained.candidates.boxes.shape == (2, 5, 4)
+    np.testing.assert_allclose(trained.candidates.boxes[:, :2], gt_boxes)
+    np.testing.assert_array_equal(trained.candidates.matched[:, :2], [[True, False],
+                                                                      [False, False]])
+    assert not np.asarray(trained.candidates.matched[1]).any()
+    np.testing.assert_array_equal(trained.candidates.gt_index[0, :1], [0])
+    alone = _jitted(ph.loss, head(features[:1]), gt_boxes[:1], gt_mask[:1], canvas_size=32)
+    for name, value in alone.items():
+        np.testing.assert_allclose(float(trained.terms[name].total), float(value.total),
+                                   rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(float(trained.terms[name].normalizer),
+                                   float(value.normalizer), err_msg=name)

@@ -19,8 +19,7 @@ def _loss_and_grads(model, batch, weights):
     @jax.jit
     def run(params, rest, batch):
         def loss_fn(params):
-            total, _ = objective.compute(nnx.merge(graphdef, params, rest)(batch), batch, weights,
-                                         canvas_size=32)
+            total, _ = objective.compute(nnx.merge(graphdef, params, rest)(batch), batch, weights)
             return total
         return jax.value_and_grad(loss_fn)(params)
 

@@ -30,11 +30,11 @@ def _outputs(batch, slot_inputs=None, vocab=128):
         visual_tokens=jnp.zeros((b, s, 2, 8)))
     if slot_inputs is None:
         slot_inputs = {key: batch[key] for key in batch_lib.SLOT_KEYS}
-    return Outputs(slots=slots, proposals=None, slot_inputs=slot_inputs)
+    return Outputs(slots=slots, proposal_terms=None, slot_inputs=slot_inputs)
 
 
 def _normalizers(batch, outputs):
-    _, terms = objective.compute(outputs, batch, WEIGHTS, canvas_size=32)
+    _, terms = objective.compute(outputs, batch, WEIGHTS)
     return {name: float(value.normalizer) for name, value in terms.items()}
 
 
@@ -51,7 +51,7 @@ def test_unknown_or_missing_weight_names_are_errors(make_batch, change, message)
     weights = {name: value for name, value in {**WEIGHTS, **change}.items() if value is not None}
     batch = make_batch(0)
     with pytest.raises(ValueError, match=f"config.loss.*{message}"):
-        objective.compute(_outputs(batch), batch, weights, canvas_size=32)
+        objective.compute(_outputs(batch), batch, weights)
 
 
 def test_per_slot_weights_come_from_the_slot_inputs_the_model_used(make_batch):
