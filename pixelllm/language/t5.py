@@ -40,7 +40,9 @@ several tokens and a one-token extension go through the same :meth:`T5.decode`; 
 slot is overwritten when that sequence reaches the position. Without a cache, :meth:`T5.decode`
 attends causally among its own tokens by their ``positions``.
 
-**Dropout** (``dropout_rate``, at HF's places) is applied only when ``rngs`` is passed to
+**Dropout** (``dropout_rate``, at HF's places; one mask shared along the position axis, as the
+official t5x layers' ``broadcast_dims=(-2,)``, unless ``dropout_shared_over_positions`` is False,
+HF's per-element masks) is applied only when ``rngs`` is passed to
 :meth:`T5.embed` / :meth:`T5.encode` / :meth:`T5.decode`; without it the model is deterministic.
 The encoder's input dropout belongs to :meth:`T5.embed`: embeddings given to :meth:`T5.encode`
 enter as they are, so PixelLLM's visual tokens are not dropped out (the official drops out only
@@ -104,6 +106,7 @@ class T5Config:
     tie_word_embeddings: bool = False
     scale_decoder_outputs: bool = False
     dropout_rate: float = 0.0
+    dropout_shared_over_positions: bool = True
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -188,10 +191,17 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     return offset + jnp.asarray(table)[jnp.minimum(distance, max_distance)]
 
 
-def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+def _dropout(x: jax.Array, cfg: T5Config, rngs: nnx.Rngs | None) -> jax.Array:
+    """Inverted dropout of ``x [..., L, D]`` at ``cfg.dropout_rate``; with
+    ``cfg.dropout_shared_over_positions`` one mask per example and feature, shared along axis -2
+    (the positions; the queries of attention probabilities ``[B, H, Lq, Lk]``), as t5x."""
+    rate = cfg.dropout_rate
     if rngs is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    shape = list(x.shape)
+    if cfg.dropout_shared_over_positions:
+        shape[-2] = 1
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -204,7 +214,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-        self.num_heads, self.d_kv, self.dropout_rate = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
+        self.num_heads, self.d_kv, self.config = cfg.num_heads, cfg.d_kv, cfg
         self.dtype = jnp.dtype(cfg.dtype)
         # HF's initialisation, so a randomly initialised model behaves like T5 at init.
         stds = {"q": (d * cfg.d_kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5}
@@ -238,7 +248,7 @@ class Attention(nnx.Module):
             scores = scores + bias
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        dropped = _dropout(probs.astype(self.dtype), self.dropout_rate, rngs)
+        dropped = _dropout(probs.astype(self.dtype), self.config, rngs)
         out = jnp.einsum("bhlt,bthd->blhd", dropped, value.astype(self.dtype))
         return self.o(out.reshape(*out.shape[:2], -1)), probs
 
@@ -248,7 +258,7 @@ class FeedForward(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.activation = activations.activation(cfg.activation)
-        self.dropout_rate = cfg.dropout_rate
+        self.config = cfg
         inputs = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
         common = dict(rngs=rngs, frozen=cfg.frozen, dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.dtype(cfg.param_dtype))
@@ -269,7 +279,7 @@ class FeedForward(nnx.Module):
             h = self.activation(self.wi_0(x)) * self.wi_1(x)
         else:
             h = self.activation(self.wi(x))
-        return self.wo(_dropout(h, self.dropout_rate, rngs))
+        return self.wo(_dropout(h, self.config, rngs))
 
 
 def _norm(cfg: T5Config) -> RMSNorm:
@@ -312,7 +322,7 @@ def _position_bias(table: nnx.Variable, relative_position: jax.Array, cfg: T5Con
 
 class EncoderLayer(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        self.dropout_rate = cfg.dropout_rate
+        self.config = cfg
         self.self_attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg)
@@ -324,13 +334,13 @@ class EncoderLayer(nnx.Module):
         h = self.self_attention_norm(x)
         key, value = self.self_attention.key_value(h)
         h, _ = self.self_attention(h, key, value, mask=mask, bias=bias, rngs=rngs)
-        x = x + _dropout(h, self.dropout_rate, rngs)
-        return x + _dropout(self.mlp(self.mlp_norm(x), rngs), self.dropout_rate, rngs)
+        x = x + _dropout(h, self.config, rngs)
+        return x + _dropout(self.mlp(self.mlp_norm(x), rngs), self.config, rngs)
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        self.dropout_rate = cfg.dropout_rate
+        self.config = cfg
         self.self_attention_norm = _norm(cfg)
         self.self_attention = Attention(cfg, rngs=rngs)
         self.cross_attention_norm = _norm(cfg)
@@ -356,7 +366,7 @@ class DecoderLayer(nnx.Module):
                     new.astype(cache[name].dtype), mode="drop")
             key, value = cache["k"], cache["v"]
         h, _ = self.self_attention(h, key, value, mask=self_mask, bias=bias, rngs=rngs)
-        x = x + _dropout(h, self.dropout_rate, rngs)
+        x = x + _dropout(h, self.config, rngs)
 
         h = self.cross_attention_norm(x)
         if cache is not None:
@@ -364,8 +374,8 @@ class DecoderLayer(nnx.Module):
         else:
             key, value = self.cross_attention.key_value(encoded)
         h, cross_probs = self.cross_attention(h, key, value, mask=cross_mask, bias=None, rngs=rngs)
-        x = x + _dropout(h, self.dropout_rate, rngs)
-        x = x + _dropout(self.mlp(self.mlp_norm(x), rngs), self.dropout_rate, rngs)
+        x = x + _dropout(h, self.config, rngs)
+        x = x + _dropout(self.mlp(self.mlp_norm(x), rngs), self.config, rngs)
         return x, cache, cross_probs
 
 
@@ -395,7 +405,7 @@ class Encoder(nnx.Module):
         else:
             for layer in self.layers:
                 x = block(layer, x, rngs)
-        return _dropout(self.final_norm(x), self.config.dropout_rate, rngs)
+        return _dropout(self.final_norm(x), self.config, rngs)
 
 
 class Decoder(nnx.Module):
@@ -423,7 +433,7 @@ class Decoder(nnx.Module):
         relative = key_positions[:, None, :] - positions[:, :, None]  # [B, L, T]
         bias = _position_bias(self.relative_attention_bias, relative, self.config,
                               bidirectional=False)
-        x = _dropout(x, self.config.dropout_rate, rngs)
+        x = _dropout(x, self.config, rngs)
         block = remat_lib.remat(
             lambda layer, x, layer_cache, rngs: layer(
                 x, positions=positions, self_mask=relative <= 0, bias=bias, encoded=encoded,
@@ -506,7 +516,7 @@ class T5(AddedTokenRows, nnx.Module):
             x = table[tokens].astype(self.dtype)
         else:
             x = self.added_tokens.embed(table, tokens).astype(self.dtype)
-        return _dropout(x, self.config.dropout_rate, rngs)
+        return _dropout(x, self.config, rngs)
 
     def encode(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
                input_mask: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -546,7 +556,7 @@ class T5(AddedTokenRows, nnx.Module):
         hidden, cache, attention = self.decoder(
             self.embed(tokens), positions=jnp.asarray(positions), encoded=encoded,
             encoder_mask=encoder_mask, cache=cache, rngs=rngs, attention_layers=attention_layers)
-        logits = self.logits(_dropout(hidden, self.config.dropout_rate, rngs))
+        logits = self.logits(_dropout(hidden, self.config, rngs))
         return T5DecoderOutput(logits=logits, hidden=hidden, cache=cache,
                                attention=attention or None)
 

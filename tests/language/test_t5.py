@@ -1,6 +1,7 @@
 """T5 against transformers' `T5ForConditionalGeneration` (tiny random configs), its cache, LoRA,
 converter and full sizes."""
 
+import dataclasses
 import tempfile
 
 import jax
@@ -469,3 +470,20 @@ def test_t5_sharded_model_and_cache_match_single_device():
     got, cache = run(model, shard=True)
     np.testing.assert_allclose(got, expected, atol=ATOL)
     assert cache["layers"][0]["cross_k"].sharding.spec[0] == ("data", "fsdp")
+
+
+def test_dropout_masks_are_shared_over_positions_as_the_official_t5():
+    """t5x (the official T5) drops with ``broadcast_dims=(-2,)``: one mask per example and
+    feature, the same at every position; ``dropout_shared_over_positions=False`` draws per
+    element, as HF."""
+    x = jnp.ones((2, 6, 16))
+    shared = t5.T5Config(vocab_size=8, d_model=16, d_kv=4, d_ff=8, num_layers=1,
+                         num_decoder_layers=1, num_heads=4, dropout_rate=0.5)
+    dropped = np.asarray(t5._dropout(x, shared, nnx.Rngs(dropout=0)))
+    assert set(np.unique(dropped)) == {0.0, 2.0}
+    np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[:, :1], dropped.shape))
+    assert not (dropped[0] == dropped[1]).all()          # examples draw their own masks
+    per_element = dataclasses.replace(shared, dropout_shared_over_positions=False)
+    dropped = np.asarray(t5._dropout(x, per_element, nnx.Rngs(dropout=0)))
+    assert not (dropped == dropped[:, :1]).all()
+    np.testing.assert_array_equal(t5._dropout(x, shared, None), x)
