@@ -110,9 +110,9 @@ def _write_refer(manual: pathlib.Path, rng: np.random.Generator, count: int):
         (manual / dataset / "instances.json").write_text(json.dumps(instances))
         refs = []
         for ref_id, annotation in enumerate(annotations):
-            sentences = [{"raw": _sentence(rng, int(rng.integers(2, 9))),
-                          "sent_id": ref_id * 4 + s, "tokens": [], "sent": ""}
-                         for s in range(int(rng.integers(1, 4)))]
+            raws = [_sentence(rng, int(rng.integers(2, 9))) for _ in range(rng.integers(1, 4))]
+            sentences = [{"raw": raw, "sent_id": ref_id * 4 + s, "tokens": raw.lower().split(),
+                          "sent": raw.lower()} for s, raw in enumerate(raws)]
             refs.append({"ref_id": ref_id, "ann_id": annotation["id"],
                          "image_id": annotation["image_id"],
                          "category_id": annotation["category_id"], "split": "train",

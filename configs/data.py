@@ -174,6 +174,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          "densecap": 64, "smoke": 4}[variant]
     config.seed = 0
     config.skip_policy = "skip"
+    # Bad records in a row that stop the pipeline (an unusable source would repeat forever).
+    config.max_consecutive_skips = 1000
     config.num_threads = 2 if variant == "smoke" else 16
     config.train = _train_sources(variant, sizes)
     config.eval = _eval_sources(variant, sizes)

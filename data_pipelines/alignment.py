@@ -1,8 +1,10 @@
 """Which mouse-trace points each caption token of a Localized Narrative regresses.
 
 A narrative's caption is cut into utterances (consecutive pieces of the caption, one or more
-words each), and every utterance has a trace box and :data:`~.localized_narratives.NUM_SAMPLES`
-trace samples in its time window (see :mod:`data_pipelines.builders.localized_narratives`).
+words each), each with a time window; the builder
+(:mod:`data_pipelines.builders.localized_narratives`) stores per utterance the official trace box
+and :data:`~.localized_narratives.NUM_SAMPLES` samples interpolated in its window, and per
+narrative the raw trace points with their times.
 Training PixelLLM on traces needs, per caption token, ``K`` target points. Two rules:
 
 **Official** (:func:`official_assignment`, the default; the rule of the official PixelLLM
@@ -18,11 +20,16 @@ tokens that belong to its neighbour.
 it (:func:`match_words`), and every token of the word takes that utterance. Words no utterance
 covers get no target.
 
-Targets (:func:`token_targets`): ``K = 2`` gives the utterance's trace-box corners
-``(x0, y0), (x1, y1)`` (the official targets); ``K > 2`` (exact only) gives ``K`` points
-resampled uniformly in time along the utterance's trace samples. Points are normalized (x, y) in
-[0, 1] of the stored image; the pipeline turns them into canvas pixels. Special tokens (BOS, EOS,
-padding: ``word_index == -1``) never get a target.
+Targets: the official rule gives the utterance's official trace-box corners ``(x0, y0),
+(x1, y1)`` (:func:`official_utterance_targets`: min/max of the 16 samples interpolated over the
+window). The exact rule (:func:`exact_utterance_targets`) reads only the raw trace points whose
+time ``t`` lies in the window, ``start_time <= t <= end_time`` (both ends inclusive, compared in
+float64 as the file gives them): ``K = 2`` gives the corners of their bounding box, ``K > 2``
+gives ``K`` points read at times uniform from the first to the last of them along the polyline
+through them (points of equal time averaged). An utterance with no point in its window, or
+none inside the image, gives no target. Points are normalized (x, y) of the stored image,
+clipped to [0, 1] (:func:`token_targets`); the pipeline turns them into canvas pixels. Special
+tokens (BOS, EOS, padding: ``word_index == -1``) never get a target.
 
 Tokens and words come from :meth:`pixelllm.language.tokenizer.Tokenizer.encode_with_alignment`
 on the caption itself (``word_index`` indexes ``caption.split()``); truncate the token sequence
@@ -48,14 +55,17 @@ METHODS = ("official", "exact")
 
 @dataclasses.dataclass(frozen=True)
 class NarrativeTraces:
-    """One narrative's caption and per-utterance traces.
+    """One narrative's caption, per-utterance traces and raw trace.
 
     Attributes:
       caption: the whole caption.
       utterances: ``[U]`` utterance texts.
-      boxes: ``[U, 4]`` normalized trace boxes ``(x0, y0, x1, y1)``.
+      boxes: ``[U, 4]`` normalized official trace boxes ``(x0, y0, x1, y1)``.
       points: ``[U, S, 2]`` normalized (x, y) trace samples, uniform in time over the window.
       valid: ``[U]`` whether the utterance has text and a trace (the builder's ``valid``).
+      start_times, end_times: ``[U]`` float64 utterance windows, seconds.
+      trace_xy: ``[P, 2]`` normalized (x, y) raw trace points, in time order.
+      trace_t: ``[P]`` float64 non-decreasing times of ``trace_xy``.
     """
 
     caption: str
@@ -63,6 +73,10 @@ class NarrativeTraces:
     boxes: np.ndarray
     points: np.ndarray
     valid: np.ndarray
+    start_times: np.ndarray
+    end_times: np.ndarray
+    trace_xy: np.ndarray
+    trace_t: np.ndarray
 
     @classmethod
     def from_example(cls, example: Mapping, *, narrative: int) -> NarrativeTraces:
@@ -73,12 +87,18 @@ class NarrativeTraces:
         if len(rows) == 0:
             raise ValueError(f"image {_text(example['image/id'])}: narrative {narrative} has "
                              "no utterances")
+        trace = example["trace"]
+        points = np.flatnonzero(np.asarray(trace["narrative"]) == narrative)
         return cls(
             caption=_text(example["narratives"]["caption"][narrative]),
             utterances=tuple(_text(utterances["text"][row]) for row in rows),
             boxes=np.asarray(utterances["box"], np.float32)[rows],
             points=np.asarray(utterances["points"], np.float32)[rows],
-            valid=np.asarray(utterances["valid"], bool)[rows])
+            valid=np.asarray(utterances["valid"], bool)[rows],
+            start_times=np.asarray(utterances["start_time"], np.float64)[rows],
+            end_times=np.asarray(utterances["end_time"], np.float64)[rows],
+            trace_xy=np.asarray(trace["xy"], np.float32).reshape(-1, 2)[points],
+            trace_t=np.asarray(trace["t"], np.float64)[points])
 
     def centres(self) -> np.ndarray:
         """``[U, 2]`` time-averaged trace positions (trapezoid rule over the samples, as the
@@ -86,6 +106,15 @@ class NarrativeTraces:
         if self.points.shape[1] == 1:
             return self.points[:, 0]
         return np.trapezoid(self.points, axis=1) / (self.points.shape[1] - 1)
+
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(first [U], stop [U])``: utterance ``u``'s window holds the trace points
+        ``first[u]:stop[u]``, those with ``start_time <= t <= end_time``, compared in float64
+        (empty when the window ends before it starts)."""
+        times = np.asarray(self.trace_t, np.float64)
+        first = np.searchsorted(times, np.asarray(self.start_times, np.float64), side="left")
+        stop = np.searchsorted(times, np.asarray(self.end_times, np.float64), side="right")
+        return first, np.maximum(stop, first)
 
 
 def _text(value: bytes | str) -> str:
@@ -122,7 +151,7 @@ def official_assignment(traces: NarrativeTraces, *, word_index: np.ndarray) -> n
 def exact_assignment(traces: NarrativeTraces, *, word_index: np.ndarray) -> np.ndarray:
     """``[T]`` utterance holding each token's word (:func:`match_words`), ``-1`` for special
     tokens and uncovered words. Utterances without a trace are still returned (their tokens get
-    no target in :func:`token_targets`), so their words cannot be given to a neighbour."""
+    no target), so their words cannot be given to a neighbour."""
     word_index = np.asarray(word_index)
     word_utterance = match_words(traces.caption, traces.utterances)
     if not (word_index >= 0).any():
@@ -177,52 +206,80 @@ def match_words(caption: str, utterances: Sequence[str]) -> np.ndarray:
     return result
 
 
-def token_targets(traces: NarrativeTraces, *, assignment: np.ndarray, num_points: int = 2,
-                  usable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def official_utterance_targets(traces: NarrativeTraces) -> np.ndarray:
+    """``[U, 2, 2]`` the official targets: each utterance's trace-box corners."""
+    return np.asarray(traces.boxes, np.float32).reshape(-1, 2, 2)
+
+
+def exact_utterance_targets(traces: NarrativeTraces, *, num_points: int = 2
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The exact targets of each utterance from the raw trace points in its window (module
+    docstring).
+
+    Returns:
+      ``(points [U, K, 2] float32, located [U] bool)``: ``located`` says that the window holds
+      a trace point inside the image ([0, 1] in both coordinates); ``points`` is zero where it
+      does not.
+    """
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2 (box corners or trace points), got "
+                         f"{num_points}")
+    first, stop = traces.windows()
+    xy = np.asarray(traces.trace_xy, np.float32).reshape(-1, 2)
+    inside = np.all((xy >= 0.0) & (xy <= 1.0), axis=-1)
+    targets = np.zeros((len(first), num_points, 2), np.float32)
+    located = np.zeros(len(first), bool)
+    for u, (lo, hi) in enumerate(zip(first, stop)):
+        if not inside[lo:hi].any():
+            continue
+        located[u] = True
+        window = xy[lo:hi]
+        if num_points == 2:
+            targets[u] = [window.min(axis=0), window.max(axis=0)]
+        else:
+            targets[u] = _read_along(window, traces.trace_t[lo:hi], num_points)
+    return targets, located
+
+
+def _read_along(xy: np.ndarray, times: np.ndarray, num_points: int) -> np.ndarray:
+    """``[num_points, 2]``: the polyline through ``xy`` (points of equal time averaged) read at
+    ``num_points`` times uniform from the first to the last of ``times`` (non-decreasing)."""
+    unique, inverse = np.unique(times, return_inverse=True)
+    counts = np.bincount(inverse)
+    mean = np.stack([np.bincount(inverse, weights=xy[:, axis]) / counts for axis in (0, 1)],
+                    axis=-1)
+    read_at = np.linspace(unique[0], unique[-1], num_points)
+    return np.stack([np.interp(read_at, unique, mean[:, axis]) for axis in (0, 1)], axis=-1)
+
+
+def token_targets(per_utterance: np.ndarray, *, assignment: np.ndarray,
+                  usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Target points of each token from its utterance.
 
     Args:
-      traces: the narrative.
+      per_utterance: ``[U, K, 2]`` each utterance's target points, normalized.
       assignment: ``[T]`` utterance per token, ``-1`` for none.
-      num_points: ``K``; 2 gives the box corners, more gives points resampled along the trace.
-      usable: ``[U]`` utterances that may give targets; default ``traces.valid``.
+      usable: ``[U]`` utterances that may give targets.
 
     Returns:
       ``(points [T, K, 2] float32, mask [T] bool)``; points (x, y) normalized, clipped to
       [0, 1], zero where ``mask`` is False.
     """
-    if num_points < 2:
-        raise ValueError(f"num_points must be >= 2 (box corners or trace points), got "
-                         f"{num_points}")
     assignment = np.asarray(assignment)
-    usable = traces.valid if usable is None else usable
     mask = assignment >= 0
-    mask[mask] = usable[assignment[mask]]
-    if num_points == 2:
-        per_utterance = traces.boxes.reshape(-1, 2, 2)
-    else:
-        per_utterance = _resample(traces.points, num_points)
-    points = np.zeros((len(assignment), num_points, 2), np.float32)
+    mask[mask] = np.asarray(usable, bool)[assignment[mask]]
+    points = np.zeros((len(assignment), *per_utterance.shape[1:]), np.float32)
     points[mask] = np.clip(per_utterance[assignment[mask]], 0.0, 1.0)
     return points, mask
-
-
-def _resample(points: np.ndarray, num_points: int) -> np.ndarray:
-    """``[U, S, 2] -> [U, num_points, 2]``: the piecewise-linear trace through the samples,
-    read at ``num_points`` times uniform over the window (samples are uniform in time)."""
-    num_samples = points.shape[1]
-    position = np.linspace(0.0, num_samples - 1, num_points)
-    lower = np.minimum(np.floor(position).astype(int), num_samples - 2)
-    fraction = (position - lower)[None, :, None]
-    return points[:, lower] * (1.0 - fraction) + points[:, lower + 1] * fraction
 
 
 def align(traces: NarrativeTraces, *, word_index: np.ndarray, method: str = "official",
           num_points: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """``(points [T, K, 2], mask [T])`` target points of each token by ``method``.
 
-    ``"official"`` gives box corners only (``num_points == 2``), from the utterances it deems
-    usable; ``"exact"`` gives box corners or ``num_points > 2`` resampled trace points.
+    ``"official"`` gives the official box corners only (``num_points == 2``), from the
+    utterances it deems usable; ``"exact"`` gives the box corners or ``num_points > 2`` points
+    of the raw trace points in each window.
     """
     if method == "official":
         if num_points != 2:
@@ -230,11 +287,12 @@ def align(traces: NarrativeTraces, *, word_index: np.ndarray, method: str = "off
                              f"num_points={num_points} needs method='exact'")
         assignment = official_assignment(traces, word_index=word_index)
         # Every assigned utterance is usable by construction of the official rule.
-        return token_targets(traces, assignment=assignment, num_points=2,
+        return token_targets(official_utterance_targets(traces), assignment=assignment,
                              usable=np.ones(len(traces.utterances), bool))
     if method == "exact":
         assignment = exact_assignment(traces, word_index=word_index)
-        return token_targets(traces, assignment=assignment, num_points=num_points)
+        targets, located = exact_utterance_targets(traces, num_points=num_points)
+        return token_targets(targets, assignment=assignment, usable=traces.valid & located)
     raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
 
 
@@ -243,7 +301,8 @@ def disagreement(traces: NarrativeTraces, *, word_index: np.ndarray) -> tuple[in
     take a different utterance under the official rule than under the exact one."""
     official = official_assignment(traces, word_index=word_index)
     exact = exact_assignment(traces, word_index=word_index)
+    _, located = exact_utterance_targets(traces)
     exact_targets = exact >= 0
-    exact_targets[exact_targets] = traces.valid[exact[exact_targets]]
+    exact_targets[exact_targets] = (traces.valid & located)[exact[exact_targets]]
     compared = (official >= 0) & exact_targets
     return int((official[compared] != exact[compared]).sum()), int(compared.sum())

@@ -24,6 +24,9 @@ carries its own task masks, so a batch may mix tasks (unlike the official one-so
   raises :class:`~data_pipelines.skips.BadRecordError` instead. Other errors (wrong op
   arguments, a contract mismatch) always raise. Counts cover the records processed so far,
   including a few prefetched ahead of the consumer, and start from zero in a resumed process.
+  ``max_consecutive_skips`` records skipped in a row without one good example between them
+  raise :class:`ConsecutiveSkipsError`: a source whose records are all bad would otherwise
+  repeat forever without producing a batch.
 * **Shapes.** Every example is checked against the contract
   (:func:`pixelllm.batch.example_spec`); a partial
   last batch (finite ``num_epochs``, ``drop_remainder=False``) is filled with all-zero examples,
@@ -54,6 +57,9 @@ Batch = dict[str, np.ndarray]
 
 UNREADABLE_RECORD = "unreadable record"
 CORRUPT_IMAGE = "corrupt image"
+# Default of InputPipeline's max_consecutive_skips: far above the longest run of bad records in
+# a usable source (they are a few in millions), reached in seconds by an unusable one.
+MAX_CONSECUTIVE_SKIPS = 1000
 
 # Distinct streams derived from the one seed.
 _SHUFFLE_STREAM = 0
@@ -95,16 +101,33 @@ class Source:
     weight: float = 1.0
 
 
-class _Skips:
-    """A :class:`SkipCounter` shared by the reading threads."""
+class ConsecutiveSkipsError(RuntimeError):
+    """Too many records skipped in a row: the sources' records are unusable."""
 
-    def __init__(self, counter: SkipCounter):
+
+class _Skips:
+    """A :class:`SkipCounter` shared by the reading threads, which also counts the records
+    skipped since the last good example (in the threads' processing order)."""
+
+    def __init__(self, counter: SkipCounter, *, max_consecutive: int):
         self.counter = counter
+        self._max_consecutive = max_consecutive
+        self._consecutive = 0
         self._lock = threading.Lock()
 
     def bad(self, reason: str, *, file: str, record: str, detail: str) -> None:
         with self._lock:
             self.counter.bad(reason, file=file, record=record, detail=detail)
+            self._consecutive += 1
+            if self._consecutive >= self._max_consecutive:
+                raise ConsecutiveSkipsError(
+                    f"{self._consecutive} records in a row were skipped, the last {file}: "
+                    f"{record}: {detail}\n{self.counter.summary()}\nAre the sources' images "
+                    "and fields readable? (max_consecutive_skips sets the limit.)")
+
+    def good(self) -> None:
+        with self._lock:
+            self._consecutive = 0
 
 
 class _CountingRecords:
@@ -148,6 +171,7 @@ class _Preprocess:
                             detail=str(error))
             return None
         check_example(example, self._spec, where=f"{self._name}: image {image_id}")
+        self._skips.good()
         return example
 
 
@@ -171,6 +195,8 @@ class InputPipeline:
         ``jax.process_index()`` / ``jax.process_count()``. Host i reads records
         ``i, i + count, ...`` of every source.
       skip_policy: ``"skip"`` or ``"fail"`` for bad records (see the module docstring).
+      max_consecutive_skips: records skipped in a row that raise
+        :class:`ConsecutiveSkipsError` (see the module docstring).
       num_threads: reading/preprocessing threads.
       prefetch: examples prepared ahead; default two batches.
     """
@@ -179,16 +205,20 @@ class InputPipeline:
                  shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, process_index: int | None = None,
                  process_count: int | None = None, skip_policy: str = "skip",
-                 num_threads: int = 2, prefetch: int | None = None):
+                 max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, num_threads: int = 2,
+                 prefetch: int | None = None):
         if not sources:
             raise ValueError("InputPipeline needs at least one source")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be positive, got "
+                             f"{max_consecutive_skips}")
         process_index, process_count = _hosts(process_index, process_count)
         self.sizes = sizes
         self.batch_size = batch_size
         self.skips = SkipCounter(policy=skip_policy, logger_name=__name__)
-        skips = _Skips(self.skips)
+        skips = _Skips(self.skips, max_consecutive=max_consecutive_skips)
         spec = example_spec(sizes)
         datasets = []
         for index, source in enumerate(sources):
@@ -273,7 +303,8 @@ def from_config(config: Any, *, process_index: int | None = None,
         sources_from_config(config.train, data_dir=config.data_dir, tokenizer=config.tokenizer),
         batch_size=config.batch_size // process_count, sizes=Sizes(**config.sizes),
         seed=config.seed, process_index=process_index, process_count=process_count,
-        skip_policy=config.skip_policy, num_threads=config.num_threads)
+        skip_policy=config.skip_policy, max_consecutive_skips=config.max_consecutive_skips,
+        num_threads=config.num_threads)
 
 
 def eval_from_config(config: Any, *, process_index: int | None = None,
@@ -287,7 +318,9 @@ def eval_from_config(config: Any, *, process_index: int | None = None,
                 [source], batch_size=entry["batch_size"], sizes=Sizes(**entry["sizes"]),
                 seed=config.seed, shuffle=False, num_epochs=1, drop_remainder=False,
                 process_index=process_index, process_count=process_count,
-                skip_policy=config.skip_policy, num_threads=config.num_threads)
+                skip_policy=config.skip_policy,
+                max_consecutive_skips=config.max_consecutive_skips,
+                num_threads=config.num_threads)
             for entry, source in zip(config.eval, sources, strict=True)}
 
 

@@ -6,7 +6,8 @@ hours of work nor drop them silently. :class:`SkipCounter` gives both policies o
 
 * ``"skip"`` (the builders' default): the record is left out, counted under a short reason, and
   logged (the first few per reason in full, so the cause can be found; then only counted). The
-  builder logs :meth:`SkipCounter.summary` at the end, so the loss is visible.
+  builder prints :meth:`SkipCounter.summary` at the end of each split (printed, not logged:
+  default logging hides INFO), so the loss is visible.
 * ``"fail"``: the first bad record raises :class:`BadRecordError` naming the file and the record,
   for debugging a new dump or a converter.
 """

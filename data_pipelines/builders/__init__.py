@@ -16,8 +16,8 @@ module                              builder name            configs
 ==================================  ======================  ===================================
 
 Conventions shared by all: coordinates normalized to the stored image, x first, boxes
-``(x0, y0, x1, y1)`` in [0, 1]; every example has ``image`` (uint8 RGB, upright: see
-:mod:`data_pipelines.images`), ``image/id``, ``image/filename``, ``image/height`` and
+``(x0, y0, x1, y1)`` in [0, 1]; every example has ``image`` (uint8 RGB, stored frame:
+see :mod:`data_pipelines.images`), ``image/id``, ``image/filename``, ``image/height`` and
 ``image/width``; bad records are skipped and counted or refused (``skip_policy``, see
 :mod:`data_pipelines.skips`). These shared parts live in :mod:`.common`.
 """

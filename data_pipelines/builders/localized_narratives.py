@@ -15,12 +15,18 @@ Example layout (one example per image; several annotators may describe one image
     image/height, image/width   int32
     narratives       sequence [N] of {caption: text, annotator_id: int32}
     utterances       sequence [U] of {narrative: int32 (index into narratives),
-                                      text, start_time: f32, end_time: f32,
+                                      text, start_time: f64, end_time: f64,
                                       box: f32 [4], points: f32 [16, 2], valid: bool}
+    trace            sequence [P] of {narrative: int32, xy: f32 [2], t: f64}
 
-The utterances of all narratives are stored flat, each narrative's contiguous and in order,
-with ``narrative`` pointing at its narrative: TFDS cannot store a sequence nested in a sequence
-without TensorFlow.
+The utterances and trace points of all narratives are stored flat, each narrative's contiguous
+and in order, with ``narrative`` pointing at its narrative: TFDS cannot store a sequence nested
+in a sequence without TensorFlow. ``trace`` holds every point of the narrative's trace segments,
+merged and sorted by time (stably: points of equal time keep their file order), as in the file
+(not clipped, not averaged); times and windows stay float64, the precision of the file's
+decimals, so that the exact alignment (:mod:`data_pipelines.alignment`) decides which points
+lie in a window exactly as the file's numbers say (in float32, a point on a window's boundary
+can move into or out of it).
 
 Per utterance (as the official PixelLLM ``build_ln_tfrecord.py``, except where noted): all trace
 segments of the narrative are merged and sorted by time; x and y are linearly interpolated at
@@ -35,8 +41,13 @@ segments of the narrative are merged and sorted by time; x and y are linearly in
   it starts, or whose window ``[start_time, end_time]`` does not overlap the
   trace's time range (its samples would all be one clamped end point, not a location).
 
+A record is skipped (not stored) when its utterances are not its caption's words: the
+caption and the utterances joined must hold the same letters and digits, in order, after
+case-folding (punctuation, spacing and how words are split over utterances may differ), since
+the word-to-trace alignment gives each caption word the trace of the utterance saying it.
+
 Bad records go through :class:`~data_pipelines.skips.SkipCounter` (``skip_policy``; reasons in
-:data:`SKIP_REASONS`); the summary is logged at the end of each split and kept in
+:data:`SKIP_REASONS`); the summary is printed at the end of each split and kept in
 :attr:`LocalizedNarratives.skip_counts`.
 """
 
@@ -69,8 +80,13 @@ TOO_FEW_POINTS = "trace with <= 1 point"
 TRACE_OUTSIDE = "trace entirely outside the image"
 BAD_IMAGE = "missing or corrupt image"
 NO_NARRATIVE = "image without usable narrative"
+UNRELATED_UTTERANCES = "utterances differ from the caption"
+ID_OUT_OF_RANGE = "annotator id outside int32"
 SKIP_REASONS = (MALFORMED_JSON, BAD_FIELD, EMPTY_CAPTION, NO_UTTERANCES, TOO_FEW_POINTS,
-                TRACE_OUTSIDE, BAD_IMAGE, NO_NARRATIVE)
+                TRACE_OUTSIDE, BAD_IMAGE, NO_NARRATIVE, UNRELATED_UTTERANCES, ID_OUT_OF_RANGE)
+
+# The annotator id is stored as int32 (the feature spec); TFDS's encoder raises on anything else.
+_INT32 = np.iinfo(np.int32)
 
 
 class BadNarrativeError(UnusableRecordError):
@@ -86,10 +102,12 @@ class Narrative:
       annotator_id: the annotator.
       caption: the whole caption.
       texts: ``[U]`` utterance texts, as in the file.
-      start_times, end_times: ``[U]`` utterance windows, seconds.
+      start_times, end_times: ``[U]`` float64 utterance windows, seconds, as in the file.
       points: ``[U, NUM_SAMPLES, 2]`` (x, y) trace samples in the window, normalized, clipped.
       boxes: ``[U, 4]`` (x0, y0, x1, y1) min/max of ``points``.
       valid: ``[U]`` whether the utterance has text and a trace location (module docstring).
+      trace_xy: ``[P, 2]`` float32 (x, y) of every trace point, sorted by time, as in the file.
+      trace_t: ``[P]`` float64 times of ``trace_xy``, non-decreasing.
     """
 
     image_id: str
@@ -101,6 +119,8 @@ class Narrative:
     points: np.ndarray
     boxes: np.ndarray
     valid: np.ndarray
+    trace_xy: np.ndarray
+    trace_t: np.ndarray
 
 
 def sample_utterance_traces(*, trace: np.ndarray, start_times: np.ndarray,
@@ -136,13 +156,18 @@ def parse_narrative(record: Any) -> Narrative:
     """A decoded jsonl record -> :class:`Narrative`.
 
     Raises:
-      BadNarrativeError: a field is missing or of the wrong type, the caption or utterance list
-        is empty, the trace has at most one point or lies entirely outside the image.
+      BadNarrativeError: a field is missing or of the wrong type, the annotator id is outside
+        int32, the caption or utterance list is empty, the utterances are not the caption's
+        words (module docstring), the trace has at most one point or lies entirely outside the
+        image.
     """
     if not isinstance(record, Mapping):
         raise BadNarrativeError(BAD_FIELD, f"expected a JSON object, got {type(record).__name__}")
     image_id = _image_id(record)
     annotator_id = _field(record, "annotator_id", int)
+    if not _INT32.min <= annotator_id <= _INT32.max:
+        raise BadNarrativeError(ID_OUT_OF_RANGE, f"image {image_id}: annotator_id "
+                                f"{annotator_id} does not fit the stored int32")
     caption = _field(record, "caption", str)
     if not caption.strip():
         raise BadNarrativeError(EMPTY_CAPTION, f"image {image_id}: caption is empty")
@@ -157,6 +182,10 @@ def parse_narrative(record: Any) -> Narrative:
         texts.append(_field(utterance, "utterance", str, where=where))
         start_times.append(_number(utterance, "start_time", where=where))
         end_times.append(_number(utterance, "end_time", where=where))
+    if _letters(caption) != _letters(" ".join(texts)):
+        raise BadNarrativeError(UNRELATED_UTTERANCES, f"image {image_id}: the utterances "
+                                f"{_preview(' '.join(texts))!r} do not say the caption "
+                                f"{_preview(caption)!r}")
     trace = _trace(_field(record, "traces", list))
     if len(trace) <= 1:
         raise BadNarrativeError(TOO_FEW_POINTS, f"image {image_id}: the traces hold "
@@ -170,10 +199,27 @@ def parse_narrative(record: Any) -> Narrative:
     points, boxes, overlaps = sample_utterance_traces(trace=trace, start_times=start,
                                                       end_times=end)
     has_text = np.array([bool(text.strip()) for text in texts])
+    order = np.argsort(trace[:, 2], kind="stable")
     return Narrative(image_id=image_id, annotator_id=annotator_id, caption=caption,
-                     texts=tuple(texts), start_times=start.astype(np.float32),
-                     end_times=end.astype(np.float32), points=points, boxes=boxes,
-                     valid=has_text & (start <= end) & overlaps)
+                     texts=tuple(texts), start_times=start, end_times=end, points=points,
+                     boxes=boxes, valid=has_text & (start <= end) & overlaps,
+                     trace_xy=trace[order, :2].astype(np.float32), trace_t=trace[order, 2])
+
+
+def _float64() -> tfds.features.Tensor:
+    """A float64 scalar feature stored as its 8 bytes: TFDS's default encoding keeps floats in
+    float32, which would move trace points across window boundaries."""
+    return tfds.features.Tensor(shape=(), dtype=np.float64,
+                                encoding=tfds.features.Encoding.BYTES)
+
+
+def _letters(text: str) -> str:
+    """What must agree between a caption and its utterances: letters and digits, case-folded."""
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _field(record: Mapping, key: str, kind: type, *, where: str = "record") -> Any:
@@ -280,10 +326,21 @@ class LocalizedNarratives(SkipPolicyBuilder):
 
     Takes :class:`~data_pipelines.builders.common.SkipPolicyBuilder`'s ``skip_policy`` (under
     ``"fail"`` the error names the file and line) and keeps its ``skip_counts`` per split.
+
+    Its ``splits`` argument (of ``SkipPolicyBuilder``) picks splits by name (``"train"``,
+    ``"validation"``); by default every split whose annotation files are present is built and
+    the others are named on stderr, so the validation split can be built without the gigabytes
+    of train shards. TFDS keeps a built data set as it is: to add a split later, build again
+    into an empty ``data_dir``.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Raw time-sorted trace points and float64 utterance windows (exact "
+                 "alignment); records whose utterances are not the caption's words, or whose "
+                 "annotator id is outside int32, are skipped.",
+    }
     BUILDER_CONFIGS = [COCO]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download from https://google.github.io/localized-narratives/ the jsonl files of the image
@@ -295,7 +352,8 @@ class LocalizedNarratives(SkipPolicyBuilder):
         train2017/000000000009.jpg ...     (COCO 2017 train images)
         val2017/000000000139.jpg ...       (COCO 2017 val images)
 
-    Symbolic links to existing COCO folders work.
+    Symbolic links to existing COCO folders work. Only the splits whose files are present are
+    built (e.g. `coco_val_localized_narratives.jsonl` and `val2017/` alone give `validation`).
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -308,29 +366,38 @@ class LocalizedNarratives(SkipPolicyBuilder):
                 "utterances": tfds.features.Sequence({
                     "narrative": tfds.features.Scalar(np.int32),
                     "text": tfds.features.Text(),
-                    "start_time": tfds.features.Scalar(np.float32),
-                    "end_time": tfds.features.Scalar(np.float32),
+                    "start_time": _float64(),
+                    "end_time": _float64(),
                     "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                     "points": tfds.features.Tensor(shape=(NUM_SAMPLES, 2), dtype=np.float32),
                     "valid": tfds.features.Scalar(np.bool_),
+                }),
+                "trace": tfds.features.Sequence({
+                    "narrative": tfds.features.Scalar(np.int32),
+                    "xy": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+                    "t": _float64(),
                 }),
             },
             homepage="https://google.github.io/localized-narratives/",
             citation=_CITATION,
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _example_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
-        generators = {}
+        files_by_split, missing = {}, {}
         for split, source in self.builder_config.splits.items():
             files = sorted({path for pattern in source.annotations
                             for path in glob.glob(os.path.join(manual_dir, pattern))})
-            if not files:
-                raise FileNotFoundError(
-                    f"{manual_dir}: no annotation file matches {list(source.annotations)} for "
-                    f"split {split!r}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            if files:
+                files_by_split[split] = files
+            else:
+                missing[split] = f"a file matching {list(source.annotations)} in {manual_dir}"
+        generators = {}
+        for split in self._choose_splits(list(files_by_split), missing):
+            source = self.builder_config.splits[split]
             generators[split] = self._generate_examples(
-                split=split, files=files, image_dir=os.path.join(manual_dir, source.image_dir),
+                split=split, files=files_by_split[split],
+                image_dir=os.path.join(manual_dir, source.image_dir),
                 image_filename=source.image_filename)
         return generators
 
@@ -394,6 +461,13 @@ class LocalizedNarratives(SkipPolicyBuilder):
                  "end_time": n.end_times[u], "box": n.boxes[u], "points": n.points[u],
                  "valid": bool(n.valid[u])}
                 for index, n in enumerate(narratives) for u in range(len(n.texts))],
+            # Column form: a narrative holds thousands of trace points.
+            "trace": {
+                "narrative": np.repeat(np.arange(len(narratives), dtype=np.int32),
+                                       [len(n.trace_t) for n in narratives]),
+                "xy": np.concatenate([n.trace_xy for n in narratives]),
+                "t": np.concatenate([n.trace_t for n in narratives]),
+            },
         }
 
 

@@ -37,11 +37,21 @@ Example layout (one example per image and split; splits are the refs' own ``spli
                         category: int32 (COCO category id),
                         mask: uint8 [H, W, 1], 0 or 255}
     expressions      sequence [E] of {object: int32 (index into objects),
-                                      text: the sentence's ``raw`` text, stripped,
+                                      text: the sentence's ``sent``, stripped: the referring
+                                            text the pipeline reads,
+                                      raw, sent: text, as in the refs,
+                                      tokens: text, the refs' ``tokens`` joined by spaces,
                                       id: int64 (sent_id)}
 
 Expressions are stored flat with an ``object`` index (each object's contiguous, in the ref's
-order) because TFDS cannot store a sequence nested in a sequence without TensorFlow.
+order) because TFDS cannot store a sequence nested in a sequence without TensorFlow (hence
+``tokens`` joined; ``tokens.split()`` gives the list back, as no token holds a space).
+
+The referring text is ``sent`` (lower-case, tokenized, punctuation dropped), not the annotator's
+``raw`` typing: every referring config of the official PixelLLM reads
+``refexp_field='sent'``, from records whose ``sent`` is the refer sentence (its
+``build_mdetr_ref_tfrecord.py`` and ``build_uninext_ref_tfrecord.py``); ``raw`` and ``tokens``
+are kept for other uses.
 
 Masks are the annotation's segmentation rendered as pycocotools' ``COCO.annToMask`` does
 (polygons merged, or an RLE, compressed or not) at the image's size, stored as single-channel
@@ -51,10 +61,11 @@ annotation's ``bbox`` (x, y, w, h pixels), divided by the image size.
 Bad records go through :class:`~data_pipelines.skips.SkipCounter` (``skip_policy``; reasons in
 :data:`SKIP_REASONS`): a ref whose annotation or image is missing, whose box has no area (``w``
 or ``h`` <= 0, or none left inside the image), or whose segmentation cannot be rendered is left
-out; an empty sentence is left out of its ref, and a ref left without sentences is left out; an
-image that is missing, corrupt or not of the size ``instances.json`` gives (boxes and masks
-would not fit it; EXIF-rotated files show up here) is left out with its refs. The summary is
-logged at the end of each split and kept in :attr:`ReferCoco.skip_counts`.
+out; a sentence without a string ``raw`` and ``sent``, a list of ``tokens`` without spaces and an
+integer ``sent_id``, or with an empty ``sent``, is left out of its ref, and a ref left without
+sentences is left out; an image that is missing, corrupt or not of the size ``instances.json``
+gives (boxes and masks would not fit it) is left out with its refs. The summary is printed at
+the end of each split and kept in :attr:`ReferCoco.skip_counts`.
 """
 
 from __future__ import annotations
@@ -130,6 +141,16 @@ class ReferData:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReferSentence:
+    """One sentence of a ref, its text fields as the refs have them."""
+
+    sent_id: int
+    raw: str
+    sent: str
+    tokens: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class ReferObject:
     """A usable ref: its object's box and mask, and its non-empty sentences."""
 
@@ -138,7 +159,7 @@ class ReferObject:
     box: np.ndarray  # [4] (x0, y0, x1, y1) normalized
     category: int
     mask: np.ndarray  # [H, W] uint8 0/1
-    sentences: tuple[tuple[int, str], ...]  # (sent_id, text)
+    sentences: tuple[ReferSentence, ...]
 
 
 def read_refer_toolkit(manual_dir: str, *, dataset: str, split_by: str) -> ReferData:
@@ -292,17 +313,22 @@ def parse_ref(ref: Any, data: ReferData, skips: SkipCounter) -> ReferObject | No
         return None
     kept = []
     for index, sentence in enumerate(sentences):
-        raw = sentence.get("raw") if isinstance(sentence, Mapping) else None
-        sent_id = sentence.get("sent_id") if isinstance(sentence, Mapping) else None
+        entry = sentence if isinstance(sentence, Mapping) else {}
+        raw, sent, tokens, sent_id = (entry.get(key) for key in ("raw", "sent", "tokens",
+                                                                  "sent_id"))
         record = f"{ref_name} sentence {sent_id if is_int(sent_id) else index}"
-        if not isinstance(raw, str) or not is_int(sent_id):
+        if not (isinstance(raw, str) and isinstance(sent, str) and is_int(sent_id)
+                and isinstance(tokens, list)
+                and all(isinstance(t, str) and t and not any(c.isspace() for c in t)
+                        for t in tokens)):
             skips.bad(BAD_FIELD, file=data.refs_file, record=record,
-                      detail="expected a string 'raw' and an integer 'sent_id'")
-        elif not raw.strip():
+                      detail="expected strings 'raw' and 'sent', a list of 'tokens' without "
+                      "spaces and an integer 'sent_id'")
+        elif not sent.strip():
             skips.bad(EMPTY_SENTENCE, file=data.refs_file, record=record,
-                      detail=f"raw sentence {raw!r} is empty")
+                      detail=f"sentence {sent!r} (raw {raw!r}) is empty")
         else:
-            kept.append((sent_id, raw.strip()))
+            kept.append(ReferSentence(sent_id=sent_id, raw=raw, sent=sent, tokens=tuple(tokens)))
     if not kept:
         skips.bad(NO_SENTENCES, file=data.refs_file, record=ref_name,
                   detail=f"none of its {len(sentences)} sentence(s) is usable")
@@ -350,8 +376,12 @@ class ReferCoco(SkipPolicyBuilder):
     """
 
     name = "refer_coco"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Expressions keep raw, sent and tokens; the referring text is sent, as the "
+                 "official PixelLLM configs read it.",
+    }
     BUILDER_CONFIGS = [
         _config("refcoco", "unc", "RefCOCO, UNC partition (train, val, testA, testB)."),
         _config("refcoco", "google", "RefCOCO, Google partition (train, val, test)."),
@@ -398,6 +428,9 @@ class ReferCoco(SkipPolicyBuilder):
                 "expressions": tfds.features.Sequence({
                     "object": tfds.features.Scalar(np.int32),
                     "text": tfds.features.Text(),
+                    "raw": tfds.features.Text(),
+                    "sent": tfds.features.Text(),
+                    "tokens": tfds.features.Text(),
                     "id": tfds.features.Scalar(np.int64),
                 }),
             },
@@ -405,7 +438,7 @@ class ReferCoco(SkipPolicyBuilder):
             citation=_CITATION,
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _example_generators(self, dl_manager: tfds.download.DownloadManager):
         data = self._read(os.fspath(dl_manager.manual_dir))
         refs_by_split: dict[str, list] = collections.defaultdict(list)
         unassigned = self._skip_counter()
@@ -486,9 +519,11 @@ class ReferCoco(SkipPolicyBuilder):
             "objects": [{"id": obj.ann_id, "ref_id": obj.ref_id, "box": obj.box,
                          "category": obj.category, "mask": _mask_png(obj.mask)}
                         for obj in objects],
-            "expressions": [{"object": index, "text": text, "id": sent_id}
+            "expressions": [{"object": index, "text": sentence.sent.strip(),
+                             "raw": sentence.raw, "sent": sentence.sent,
+                             "tokens": " ".join(sentence.tokens), "id": sentence.sent_id}
                             for index, obj in enumerate(objects)
-                            for sent_id, text in obj.sentences],
+                            for sentence in obj.sentences],
         }
 
 

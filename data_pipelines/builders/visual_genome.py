@@ -26,14 +26,20 @@ riding a horse"). Two published selections are read (configs):
 
 Images are looked up in ``images/``, ``VG_100K/`` and ``VG_100K_2/``, in that order.
 
+**Splits.** ``grit`` builds the splits whose ``annotations/<split>.json`` is there (announcing the
+missing ones); ``VgDensecap(..., splits=["test"])`` builds only the splits named (for both
+configs), and one named whose file is missing is an error. A split left without examples is
+left out (``"skip"``) or stops the build (``"fail"``), see
+:class:`~data_pipelines.builders.common.SkipPolicyBuilder`.
+
 Example layout (one example per image)::
 
-    image            uint8 [H, W, 3]   upright RGB (see data_pipelines.images)
+    image            uint8 [H, W, 3]   RGB in the stored frame (see data_pipelines.images)
     image/id         text              Visual Genome image id ("2407890")
     image/filename   text              file name in its image folder
     image/height, image/width   int32
     objects          sequence [N], in file order, of
-                       {id: int64 (region / annotation id),
+                       {id: int64 (region / annotation id; one outside int64 is skipped),
                         box: f32 [4] (x0, y0, x1, y1) normalized, clipped to [0, 1],
                         phrase: text, stripped}
 
@@ -41,15 +47,16 @@ Example layout (one example per image)::
 json gives, box ``(x, y, x + width, y + height)`` in the project's convention, as GRiT and the
 official PixelLLM read them. (DenseCap's ``preprocess.py`` calls ``x, y`` 1-indexed and shifts
 them by one pixel; nothing else does.) Boxes are divided by the image's true size after
-checking that it is the json's: an image file of another size (a resized copy such as
-DenseCap's 720-pixel one, or an EXIF-rotated file) cannot be matched to the boxes with
-certainty, so it is reported and skipped, not rescaled.
+checking that it is the json's, in the stored pixel frame (no EXIF rotation: the boxes were
+drawn on the stored pixels, as TF and TFDS decode them): an image file of another size (a resized
+copy such as DenseCap's 720-pixel one) cannot be matched to the boxes with certainty, so it is
+reported, naming the json that gives the size, and skipped, not rescaled.
 
 Bad records go through :class:`~data_pipelines.skips.SkipCounter` (``skip_policy``; reasons in
-:data:`SKIP_REASONS`): a region with an empty phrase, a malformed field, or a box with no area
-(``width`` or ``height`` <= 0, or none left after clipping to the image) is left out; an image
-that is missing, corrupt, of another size than the json says, not in ``image_data.json``, or
-left without regions is left out. The summary is logged at the end of each split and kept in
+:data:`SKIP_REASONS`): a region with an empty phrase, a malformed field (an id outside int64
+too), or a box with no area (``width`` or ``height`` <= 0, or none left after clipping to the
+image) is left out; an image that is missing, corrupt, of another size than the json says, not
+in ``image_data.json``, or left without regions is left out. The summary is printed at the end of each split and kept in
 :attr:`VgDensecap.skip_counts`.
 """
 
@@ -82,6 +89,8 @@ SKIP_REASONS = (BAD_FIELD, EMPTY_PHRASE, DEGENERATE_BOX, MISSING_IMAGE_RECORD, M
                 CORRUPT_IMAGE, SIZE_MISMATCH, NO_REGIONS)
 
 IMAGE_DIRS = ("images", "VG_100K", "VG_100K_2")
+# What TFDS stores a region id as.
+_INT64 = np.iinfo(np.int64)
 DENSECAP_SPLITS = ("train", "val", "test")
 GRIT_SPLITS = ("train", "test")
 
@@ -141,6 +150,9 @@ def parse_region(region: Any, *, fields: RegionFields, height: int, width: int,
     if not is_int(region_id):
         raise BadRegionError(BAD_FIELD, f"field {fields.id_key!r} is {region_id!r}, not an "
                              "integer")
+    if not _INT64.min <= region_id <= _INT64.max:
+        raise BadRegionError(BAD_FIELD, f"field {fields.id_key!r} is {region_id}, outside "
+                             "int64")
     if region.get("image_id", image_id) != image_id:
         raise BadRegionError(BAD_FIELD, f"region {region_id} names image "
                              f"{region.get('image_id')!r}, but is listed under {image_id}")
@@ -232,13 +244,19 @@ class VgDensecap(SkipPolicyBuilder):
             citation=_CITATION,
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _example_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         unassigned = self._skip_counter()
         if self.builder_config.name == "densecap":
             entries, fields = _read_densecap(manual_dir, unassigned), DENSECAP_FIELDS
         else:
-            entries, fields = _read_grit(manual_dir, unassigned), GRIT_FIELDS
+            annotations = {split: os.path.join(manual_dir, "annotations", f"{split}.json")
+                           for split in GRIT_SPLITS}
+            present = [split for split, path in annotations.items() if os.path.exists(path)]
+            chosen = self._choose_splits(present, {split: path for split, path in
+                                                   annotations.items() if split not in present})
+            entries = _read_grit({split: annotations[split] for split in chosen}, unassigned)
+            fields = GRIT_FIELDS
         if unassigned.total:
             self._keep_skip_counts(UNASSIGNED, unassigned)
         return {split: self._generate_examples(split=split, entries=split_entries,
@@ -258,8 +276,9 @@ class VgDensecap(SkipPolicyBuilder):
         self._keep_skip_counts(split, skips)
         self._refuse_empty_split(
             split, num_examples=num_examples, skips=skips,
-            detail=f"all {len(entries)} image(s) were skipped (images in "
-            f"{manual_dir}/{{{','.join(IMAGE_DIRS)}}}?)")
+            detail=(f"all {len(entries)} image(s) were skipped (images in "
+                    f"{manual_dir}/{{{','.join(IMAGE_DIRS)}}}?)" if entries
+                    else "the annotations list no image for it"))
 
 
 def _example(entry: ImageEntry, *, fields: RegionFields, manual_dir: str,
@@ -290,8 +309,8 @@ def _example(entry: ImageEntry, *, fields: RegionFields, manual_dir: str,
                                                    entry.filename),
                   record=record, detail="image file not found")
         return None
-    encoded = read_image_of_size(path, size=(height, width), size_file=entry.file, record=record,
-                                 skips=skips)
+    encoded = read_image_of_size(path, size=(height, width), size_file=entry.size_file,
+                                 record=record, skips=skips)
     if encoded is None:
         return None
     return {
@@ -351,10 +370,11 @@ def _read_densecap(manual_dir: str, unassigned: SkipCounter) -> dict[str, list[I
     return entries
 
 
-def _read_grit(manual_dir: str, unassigned: SkipCounter) -> dict[str, list[ImageEntry]]:
+def _read_grit(annotations: Mapping[str, str], unassigned: SkipCounter
+               ) -> dict[str, list[ImageEntry]]:
+    """Split -> its images, from the annotation file of each split in ``annotations``."""
     entries = {}
-    for split in GRIT_SPLITS:
-        path = os.path.join(manual_dir, "annotations", f"{split}.json")
+    for split, path in annotations.items():
         content = _load_json(path)
         images = _json_list(content.get("images") if isinstance(content, dict) else None,
                             path, key="images")

@@ -6,13 +6,13 @@ and nest per-object and per-utterance fields the TFDS way (a ``Sequence`` comes 
 (:mod:`fields`):
 
 * ``image``: a uint8 ``[H, W, 3]`` array as TFDS decodes it, or encoded bytes, read with
-  :func:`data_pipelines.images.read_image` (EXIF orientation, mode conversion);
+  :func:`data_pipelines.images.read_image` (stored frame, no EXIF rotation; mode conversion);
   undecodable bytes raise :class:`~data_pipelines.images.ImageError` naming the image, which the
   pipeline counts as a skipped record;
 * texts: bytes -> str;
 * Localized Narratives ``narratives`` + flat ``utterances`` -> ``narratives``, one dict per
-  narrative with its utterances (trace boxes and points in pixels, ``visible`` all True, and
-  the narrative as stored for word alignment);
+  narrative with its utterances (trace boxes and points in pixels, ``visible`` all True), its
+  raw trace points in pixels, and the narrative as stored for word alignment;
 * RefCOCO / Visual Genome ``objects`` -> ``objects/box`` (pixels), ``objects/id``,
   ``objects/texts`` (RefCOCO expressions grouped per object, or the VG phrase) and, for
   RefCOCO, ``objects/mask`` (bool, image size).
@@ -44,7 +44,8 @@ def decode() -> registry.Op:
         out: fields.Example = {fields.IMAGE: image, fields.IMAGE_ID: image_id}
         if "narratives" in example:
             out[fields.NARRATIVES] = _narratives(example["narratives"], example["utterances"],
-                                                 width=width, height=height, name=name)
+                                                 trace=example["trace"], width=width,
+                                                 height=height, name=name)
         if "objects" in example:
             out.update(_objects(example, width=width, height=height, name=name))
         return out
@@ -74,7 +75,8 @@ def _pixels(normalized: Sequence, *, width: int, height: int, last: int) -> np.n
 
 
 def _narratives(narratives: Mapping[str, Sequence], utterances: Mapping[str, Sequence], *,
-                width: int, height: int, name: str) -> list[dict]:
+                trace: Mapping[str, Sequence], width: int, height: int,
+                name: str) -> list[dict]:
     captions = [_text(c) for c in narratives["caption"]]
     owner = np.asarray(utterances["narrative"], np.int64).reshape(-1)
     if owner.size and (owner.min() < 0 or owner.max() >= len(captions)):
@@ -84,14 +86,23 @@ def _narratives(narratives: Mapping[str, Sequence], utterances: Mapping[str, Seq
     boxes = np.asarray(utterances["box"], np.float32).reshape(-1, 4)
     points = np.asarray(utterances["points"], np.float32).reshape(len(owner), -1, 2)
     valid = np.asarray(utterances["valid"], bool).reshape(-1)
+    start_times = np.asarray(utterances["start_time"], np.float64).reshape(-1)
+    end_times = np.asarray(utterances["end_time"], np.float64).reshape(-1)
+    trace_owner = np.asarray(trace["narrative"], np.int64).reshape(-1)
+    trace_xy = np.asarray(trace["xy"], np.float32).reshape(-1, 2)
+    trace_t = np.asarray(trace["t"], np.float64).reshape(-1)
     pixels = np.asarray([width, height], np.float32)
     out = []
     for index, caption in enumerate(captions):
         rows = np.flatnonzero(owner == index)
+        trace_rows = np.flatnonzero(trace_owner == index)
         stored = alignment.NarrativeTraces(caption=caption,
                                            utterances=tuple(texts[r] for r in rows),
                                            boxes=boxes[rows], points=points[rows],
-                                           valid=valid[rows])
+                                           valid=valid[rows], start_times=start_times[rows],
+                                           end_times=end_times[rows],
+                                           trace_xy=trace_xy[trace_rows],
+                                           trace_t=trace_t[trace_rows])
         out.append({
             fields.CAPTION: caption,
             fields.UTTERANCE_TEXTS: list(stored.utterances),
@@ -99,6 +110,7 @@ def _narratives(narratives: Mapping[str, Sequence], utterances: Mapping[str, Seq
             fields.UTTERANCE_POINTS: stored.points * pixels,
             fields.UTTERANCE_VALID: stored.valid,
             fields.UTTERANCE_VISIBLE: np.ones(len(rows), bool),
+            fields.TRACE_POINTS: stored.trace_xy * pixels,
             fields.ALIGNMENT_TRACES: stored,
         })
     return out

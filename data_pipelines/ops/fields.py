@@ -22,6 +22,8 @@ image, (x, y) from the top left, boxes xyxy (the project convention).
     ``utterances/points``   float32 ``[U, P, 2]``: trace samples in the window
     ``utterances/valid``    bool ``[U]``: the builder's validity (used for word alignment)
     ``utterances/visible``  bool ``[U]``: the trace box is still inside the image (crops)
+    ``trace/points``        float32 ``[P, 2]``: the raw trace points in time order (times in
+                            ``alignment_traces``), moved by every op, never clipped
     ``alignment_traces``    the narrative as stored (normalized, before any op), a
                             :class:`data_pipelines.alignment.NarrativeTraces`: tokens are
                             aligned to utterances on it, so augmentation cannot change that
@@ -56,6 +58,7 @@ UTTERANCE_BOXES = "utterances/box"
 UTTERANCE_POINTS = "utterances/points"
 UTTERANCE_VALID = "utterances/valid"
 UTTERANCE_VISIBLE = "utterances/visible"
+TRACE_POINTS = "trace/points"
 ALIGNMENT_TRACES = "alignment_traces"
 
 Example = dict[str, Any]

@@ -9,7 +9,8 @@ Images are resampled bilinearly (PIL, antialiased when shrinking), masks by near
 After a crop, boxes are clipped to the new image. An object whose clipped box is narrower or
 lower than ``min_box_size`` is dropped with all its ``objects/*`` fields (expressions and
 prompts included); an utterance whose trace box leaves the image is marked not visible, so its
-words get no trace target, and its points are clipped to the image.
+words get no trace target, and its points are clipped to the image. Raw trace points are moved
+but not clipped: the exact alignment tells the points left inside the image from the others.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def transform_coordinates(example: Example, *, scale: tuple[float, float],
     if fields.NARRATIVES in example:
         out[fields.NARRATIVES] = [
             {**n, fields.UTTERANCE_BOXES: boxes(n[fields.UTTERANCE_BOXES]),
-             fields.UTTERANCE_POINTS: points(n[fields.UTTERANCE_POINTS])}
+             **{key: points(n[key]) for key in (fields.UTTERANCE_POINTS, fields.TRACE_POINTS)
+                if key in n}}
             for n in example[fields.NARRATIVES]]
     return out
 

@@ -19,7 +19,9 @@ contract:
   rule, the default, or ``"exact"`` word matching), computed on the truncated tokens and on the
   narrative as stored (before augmentation, so a flip cannot change it); its targets are that
   utterance's trace box corners (K = 2) or K trace points, in canvas pixels after every
-  geometric op. Tokens of utterances that are invalid or left the image in a crop, BOS, EOS and
+  geometric op (the exact rule reads the raw trace points in each utterance's window, moved
+  by the same ops). Tokens of utterances that are invalid or left the image in a crop (under
+  the exact rule also: with no trace point in their window inside the image), BOS, EOS and
   padding get none.
 """
 
@@ -78,26 +80,28 @@ def trace_targets(narrative: fields.Example, *, word_index: np.ndarray, valid_wh
     """``(points [T, K, 2], mask [T])`` in canvas pixels for the tokens of ``narrative``'s
     caption (see the module docstring)."""
     stored = narrative[fields.ALIGNMENT_TRACES]
+    # The transformed traces, normalized to the valid area.
+    scale = np.maximum(np.asarray(valid_wh, np.float32), 1e-6)
+    moved = dataclasses.replace(stored,
+                                boxes=narrative[fields.UTTERANCE_BOXES] / np.tile(scale, 2),
+                                trace_xy=narrative[fields.TRACE_POINTS] / scale)
+    usable = narrative[fields.UTTERANCE_VALID] & narrative[fields.UTTERANCE_VISIBLE]
     if method == "official":
         if num_points != 2:
             raise ValueError("the official alignment regresses the 2 trace-box corners; "
                              f"points_per_token={num_points} needs alignment='exact'")
         assignment = trace_alignment.official_assignment(stored, word_index=word_index)
+        per_utterance = trace_alignment.official_utterance_targets(moved)
     elif method == "exact":
         assignment = trace_alignment.exact_assignment(stored, word_index=word_index)
+        per_utterance, located = trace_alignment.exact_utterance_targets(moved,
+                                                                         num_points=num_points)
+        usable = usable & located
     else:
         raise ValueError(f"unknown alignment {method!r}; expected one of "
                          f"{trace_alignment.METHODS}")
-    # The transformed traces, normalized to the valid area (clipped to it already).
-    scale = np.maximum(np.asarray(valid_wh, np.float32), 1e-6)
-    moved = trace_alignment.NarrativeTraces(
-        caption=stored.caption, utterances=stored.utterances,
-        boxes=narrative[fields.UTTERANCE_BOXES] / np.tile(scale, 2),
-        points=narrative[fields.UTTERANCE_POINTS] / scale,
-        valid=stored.valid)
-    usable = narrative[fields.UTTERANCE_VALID] & narrative[fields.UTTERANCE_VISIBLE]
-    points, mask = trace_alignment.token_targets(moved, assignment=assignment,
-                                                 num_points=num_points, usable=usable)
+    points, mask = trace_alignment.token_targets(per_utterance, assignment=assignment,
+                                                 usable=usable)
     return (points * scale).astype(np.float32), mask
 
 

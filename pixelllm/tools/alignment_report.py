@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             traces = NarrativeTraces(caption=narrative.caption, utterances=narrative.texts,
                                      boxes=narrative.boxes, points=narrative.points,
-                                     valid=narrative.valid)
+                                     valid=narrative.valid, start_times=narrative.start_times,
+                                     end_times=narrative.end_times,
+                                     trace_xy=narrative.trace_xy, trace_t=narrative.trace_t)
             if tokenizer is None:
                 word_index = np.arange(len(narrative.caption.split()))
             else:

@@ -8,19 +8,42 @@ import pytest
 import sentencepiece as spm
 
 from data_pipelines.alignment import (NarrativeTraces, align, disagreement, exact_assignment,
-                                      match_words, official_assignment, token_targets)
+                                      exact_utterance_targets, match_words, official_assignment,
+                                      official_utterance_targets, token_targets)
+from data_pipelines.builders import localized_narratives as ln
 from pixelllm.language.tokenizer import load_tokenizer
 from pixelllm.tools import alignment_report
 
 
 def _traces(caption, utterances, boxes, valid=None):
-    """Samples run linearly from each box's top-left to its bottom-right corner."""
+    """Samples run linearly from each box's top-left to its bottom-right corner; the raw trace
+    is the samples, utterance u's at times in its window [u, u + 0.5]."""
     boxes = np.asarray(boxes, np.float32)
     ramp = np.linspace(0.0, 1.0, 16)[None, :, None]
-    points = boxes[:, None, :2] + ramp * (boxes[:, None, 2:] - boxes[:, None, :2])
-    valid = np.ones(len(utterances), bool) if valid is None else np.asarray(valid)
+    points = (boxes[:, None, :2] + ramp * (boxes[:, None, 2:] - boxes[:, None, :2])).astype(
+        np.float32)
+    count = len(utterances)
+    valid = np.ones(count, bool) if valid is None else np.asarray(valid)
+    starts = np.arange(count, dtype=np.float64)
+    times = (starts[:, None] + np.linspace(0.0, 0.5, 16)[None]).reshape(-1)
     return NarrativeTraces(caption=caption, utterances=tuple(utterances), boxes=boxes,
-                           points=points.astype(np.float32), valid=valid)
+                           points=points, valid=valid, start_times=starts,
+                           end_times=starts + 0.5, trace_xy=points.reshape(-1, 2),
+                           trace_t=times)
+
+
+def _raw(caption, utterances, windows, trace):
+    """A narrative from raw ``(x, y, t)`` trace points and ``(start, end)`` windows, its official
+    samples and boxes made by the builder's code."""
+    trace = np.asarray(trace, np.float64)
+    start, end = (np.asarray(w, np.float64) for w in zip(*windows))
+    points, boxes, overlaps = ln.sample_utterance_traces(trace=trace, start_times=start,
+                                                         end_times=end)
+    order = np.argsort(trace[:, 2], kind="stable")
+    return NarrativeTraces(caption=caption, utterances=tuple(utterances), boxes=boxes,
+                           points=points, valid=overlaps & (start <= end), start_times=start,
+                           end_times=end, trace_xy=trace[order, :2].astype(np.float32),
+                           trace_t=trace[order, 2])
 
 
 # Utterances of 2, 10 and 1 words; 13 words, one token each, between BOS and EOS.
@@ -112,25 +135,70 @@ def test_tokens_of_one_word_share_its_targets():
     np.testing.assert_allclose(points[3:6], np.tile([[[0.5, 0.6], [0.7, 0.8]]], (3, 1, 1)))
 
 
-def test_exact_resamples_the_trace_for_more_points():
-    x = (np.arange(16) / 15.0) ** 2
-    samples = np.stack([x, 1.0 - x], axis=-1)[None].astype(np.float32)
-    traces = NarrativeTraces(caption="a", utterances=("a",), boxes=np.array([[0, 0, 1, 1]],
-                             np.float32), points=samples, valid=np.array([True]))
-    points, mask = align(traces, word_index=np.array([0]), method="exact", num_points=4)
-    # Four points at samples 0, 5, 10, 15.
-    np.testing.assert_allclose(points[0, :, 0], [0, 1 / 9, 4 / 9, 1], atol=1e-6)
-    np.testing.assert_allclose(points[0, :, 1], [1, 8 / 9, 5 / 9, 0], atol=1e-6)
-    points, _ = align(traces, word_index=np.array([0]), method="exact", num_points=3)
-    # The middle point falls halfway between samples 7 and 8.
-    np.testing.assert_allclose(points[0, 1, 0], ((7 / 15) ** 2 + (8 / 15) ** 2) / 2, atol=1e-6)
+def test_exact_reads_more_points_along_the_raw_trace_in_the_window():
+    # Window [1, 2]; the points at t = 0.5 and 2.5 lie outside it. Inside: x = (t - 1)^2 at
+    # t = 1, 1.2, ..., 2, with two points at t = 1.6 (averaged).
+    t = np.round(np.linspace(1.0, 2.0, 6), 10)
+    inside = [(float(ti - 1) ** 2, 1 - float(ti - 1) ** 2, ti) for ti in t]
+    trace = [(0.9, 0.9, 0.5), *inside, (0.5, 0.5, 1.6), (0.9, 0.1, 2.5)]
+    traces = _raw("a", ["a"], [(1.0, 2.0)], trace)
+    points, mask = align(traces, word_index=np.array([0]), method="exact", num_points=3)
+    assert mask.tolist() == [True]
+    # Read at t = 1, 1.5, 2: 1.5 lies halfway between 1.4 (x .16) and 1.6 (x (.36 + .5) / 2).
+    middle = (0.16 + (0.36 + 0.5) / 2) / 2
+    np.testing.assert_allclose(points[0], [[0, 1], [middle, (0.84 + (0.64 + 0.5) / 2) / 2],
+                                           [1, 0]], atol=1e-6)
+
+
+def test_exact_box_uses_only_points_in_the_window_both_ends_inclusive():
+    # Official samples interpolate between t = 0 (x .1) and t = 3 (x .9); the exact box of
+    # window [1, 2] reads the points at t = 1 and t = 2 only (both ends count).
+    trace = [(0.1, 0.1, 0.0), (0.3, 0.4, 1.0), (0.5, 0.2, 1.5), (0.6, 0.3, 2.0), (0.9, 0.9, 3.0)]
+    traces = _raw("a b", ["a", "b"], [(1.0, 2.0), (2.0, 2.0)], trace)
+    targets, located = exact_utterance_targets(traces)
+    np.testing.assert_allclose(targets[0], [[0.3, 0.2], [0.6, 0.4]], atol=1e-7)
+    np.testing.assert_allclose(targets[1], [[0.6, 0.3], [0.6, 0.3]], atol=1e-7)
+    assert located.tolist() == [True, True]
+    # The official box of the same window is the min/max of its 16 samples at t = 1 + k / 15,
+    # which step over the point at t = 1.5: its lowest y is read at t = 1.5 + 1/30.
+    np.testing.assert_allclose(official_utterance_targets(traces)[0],
+                               [[0.3, 0.2 + 0.1 / 15], [0.6, 0.4]], atol=1e-6)
+    traces = _raw("a b", ["a", "b"], [(1.0, 2.0), (2.5, 2.6)], trace)
+    # Window [2.5, 2.6] holds no point: no exact target, though the official samples exist.
+    _, located = exact_utterance_targets(traces)
+    assert located.tolist() == [True, False] and traces.valid.tolist() == [True, True]
+    points, mask = align(traces, word_index=np.array([0, 1]), method="exact")
+    assert mask.tolist() == [True, False] and not points[1].any()
+
+
+def test_window_boundaries_are_compared_in_the_files_precision():
+    # 0.1 + 0.2 != 0.3 in float64, and float32 rounds both to the same number: a point at
+    # t = 0.30000000000000004 lies after a window ending at 0.3 in the file's precision.
+    t_point = 0.1 + 0.2
+    assert np.float32(t_point) == np.float32(0.3) and t_point > 0.3
+    trace = [(0.2, 0.2, 0.0), (0.8, 0.8, t_point), (0.5, 0.5, 1.0)]
+    traces = _raw("a b", ["a", "b"], [(0.0, 0.3), (0.3 + 1e-17, 1.0)], trace)
+    targets, located = exact_utterance_targets(traces)
+    assert located.tolist() == [True, True]
+    np.testing.assert_allclose(targets[0], [[0.2, 0.2], [0.2, 0.2]])
+    np.testing.assert_allclose(targets[1], [[0.5, 0.5], [0.8, 0.8]])
+
+
+def test_exact_needs_a_window_point_inside_the_image():
+    trace = [(1.2, 0.5, 0.0), (1.1, 0.6, 1.0), (0.5, 0.5, 2.0), (0.6, 0.5, 3.0)]
+    traces = _raw("a b", ["a", "b"], [(0.0, 1.0), (1.0, 3.0)], trace)
+    targets, located = exact_utterance_targets(traces)
+    assert located.tolist() == [False, True]
+    # The window's points outside the image still count for the box, which is then clipped.
+    points, mask = align(traces, word_index=np.array([0, 1]), method="exact")
+    assert mask.tolist() == [False, True]
+    np.testing.assert_allclose(points[1], [[0.5, 0.5], [1.0, 0.6]], atol=1e-7)
 
 
 def test_targets_are_clipped():
-    traces = NarrativeTraces(caption="a", utterances=("a",),
-                             boxes=np.array([[-0.2, 0.5, 0.5, 1.3]], np.float32),
-                             points=np.zeros((1, 16, 2), np.float32), valid=np.array([True]))
-    points, _ = token_targets(traces, assignment=np.array([0]))
+    per_utterance = np.array([[[-0.2, 0.5], [0.5, 1.3]]], np.float32)
+    points, _ = token_targets(per_utterance, assignment=np.array([0]),
+                              usable=np.array([True]))
     np.testing.assert_allclose(points[0], [[0.0, 0.5], [0.5, 1.0]])
 
 
@@ -152,12 +220,20 @@ def test_from_example_selects_one_narrative():
             "narrative": [0, 1, 1], "text": [b"x y", b"a", b"b"],
             "box": [np.full(4, i, np.float32) for i in range(3)],
             "points": [np.full((16, 2), i, np.float32) for i in range(3)],
-            "valid": [True, False, True]},
+            "valid": [True, False, True],
+            "start_time": [0.0, 0.0, 0.1 + 0.2], "end_time": [1.0, 0.1 + 0.2, 1.0]},
+        "trace": {"narrative": [0, 1, 1, 1], "t": [0.0, 0.0, 0.1 + 0.2, 0.5],
+                  "xy": [np.full(2, i / 4, np.float32) for i in range(4)]},
     }
     traces = NarrativeTraces.from_example(example, narrative=1)
     assert traces.caption == "a b" and traces.utterances == ("a", "b")
     np.testing.assert_array_equal(traces.boxes[:, 0], [1, 2])
     assert traces.points.shape == (2, 16, 2) and traces.valid.tolist() == [False, True]
+    np.testing.assert_array_equal(traces.trace_xy[:, 0], [0.25, 0.5, 0.75])
+    # float64 kept: the point at 0.1 + 0.2 is in both windows, which share that end.
+    assert traces.trace_t.dtype == np.float64 and traces.end_times[0] == 0.1 + 0.2
+    first, stop = traces.windows()
+    assert first.tolist() == [0, 1] and stop.tolist() == [2, 3]
     with pytest.raises(ValueError, match="image 1: narrative 2 has no utterances"):
         NarrativeTraces.from_example(example, narrative=2)
 

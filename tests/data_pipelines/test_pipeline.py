@@ -75,6 +75,11 @@ def _ln_record(index):
                        "points": [np.full((16, 2), 0.25, np.float32),
                                   np.full((16, 2), 0.75, np.float32)],
                        "valid": [np.True_, np.True_]},
+        # The raw points in each window span its box.
+        "trace": {"narrative": [np.int32(0)] * 4,
+                  "xy": [np.asarray(xy, np.float32) for xy in ([0, 0], [0.5, 1], [0.5, 0],
+                                                               [1, 1])],
+                  "t": [np.float64(t) for t in (0, 0.9, 1.1, 2)]},
     }
 
 
@@ -242,6 +247,24 @@ def test_bad_records_are_counted_and_skipped_or_refused(tokenizer_path):
         list(failing)
 
 
+@pytest.mark.parametrize("good_every", [None, 4])
+def test_a_stream_of_bad_records_stops_instead_of_hanging(tokenizer_path, good_every):
+    # Training repeats forever: with every record bad it would never yield a batch.
+    records = [_refer_record(i, encode=True) for i in range(8)]
+    records = [record if good_every and i % good_every == 0
+               else {**record, "image": record["image"][:40]} for i, record in enumerate(records)]
+    p = _eval_pipeline([Source("refer", records, _ops("refer", tokenizer_path))],
+                       num_epochs=None, num_threads=1, max_consecutive_skips=5)
+    iterator = iter(p)
+    if good_every:  # runs of 3 bad records stay under the limit
+        assert all(_image_ids(next(iterator)) == [0, 4] for _ in range(3))
+        return
+    with pytest.raises(pipeline.ConsecutiveSkipsError,
+                       match=r"(?s)5 records in a row were skipped, the last refer: image \d: "
+                             r".*corrupt image\s+5"):
+        next(iterator)
+
+
 def test_contract_mismatches_raise_naming_the_key(tokenizer_path):
     no_tokens = _ops("refer", tokenizer_path)[:-1]
     with pytest.raises(ValueError, match="missing .*'context_mask'"):
@@ -323,7 +346,7 @@ def test_a_pipeline_batch_passes_the_step_checker_and_the_tiny_models_loss(token
     @nnx.jit
     def loss(model, batch):
         outputs = model(batch)
-        return objective.compute(outputs, batch, model_config.loss, canvas_size=32), outputs
+        return objective.compute(outputs, batch, model_config.loss), outputs
 
     (total, terms), outputs = loss(model, batch)
     assert np.isfinite(float(total))

@@ -59,3 +59,15 @@ def test_unusable_record_error_carries_its_reason():
     error = common.UnusableRecordError("empty phrase", "region 4: phrase '' is empty")
     assert isinstance(error, ValueError)
     assert (error.reason, str(error)) == ("empty phrase", "region 4: phrase '' is empty")
+
+
+def test_read_image_of_size_reads_the_stored_frame(tmp_path):
+    # Annotation sizes are those of the stored pixels; an EXIF orientation tag changes nothing.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(np.full((2, 3, 3), 7, np.uint8)).save(path, quality=95, exif=exif)
+    skips = SkipCounter(policy="fail")
+    encoded = common.read_image_of_size(str(path), size=(2, 3), size_file="image_data.json",
+                                        record="image 1", skips=skips)
+    assert encoded == path.read_bytes()

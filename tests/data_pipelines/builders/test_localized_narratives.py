@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.alignment import NarrativeTraces, exact_utterance_targets
 from data_pipelines.builders import localized_narratives as ln
 from data_pipelines.skips import BadRecordError
 
@@ -55,6 +56,8 @@ VAL_LINES = [
     json.dumps({**CAT, "image_id": "4"}),                               # 10 image file corrupt
     json.dumps({**CAT, "image_id": "5", "caption": ""}),                # 11 image 5: no narrative
     "",                                                                 # 12 blank: ignored
+    json.dumps({**GRASS, "caption": "a cat on a sofa"}),                # 13 unrelated narration
+    json.dumps({**GRASS, "annotator_id": 2 ** 31}),                     # 14 id beyond int32
 ]
 
 
@@ -161,7 +164,8 @@ def test_skip_counts(built):
     builder, _ = built
     assert builder.skip_counts["validation"] == {
         ln.MALFORMED_JSON: 1, ln.BAD_FIELD: 1, ln.EMPTY_CAPTION: 2, ln.TOO_FEW_POINTS: 1,
-        ln.TRACE_OUTSIDE: 1, ln.BAD_IMAGE: 2, ln.NO_NARRATIVE: 1}
+        ln.TRACE_OUTSIDE: 1, ln.BAD_IMAGE: 2, ln.NO_NARRATIVE: 1, ln.UNRELATED_UTTERANCES: 1,
+        ln.ID_OUT_OF_RANGE: 1}
     assert builder.skip_counts["train"] == {}
 
 
@@ -182,9 +186,10 @@ def test_fail_policy_names_file_and_line(tmp_path, build_dataset):
 
 def test_a_split_left_empty_by_skips_says_why(tmp_path, build_dataset):
     manual = _manual_dir(tmp_path, val_lines=[VAL_LINES[8]])  # its image file is missing
-    with pytest.raises(ValueError, match=r"split 'validation': all 1 image\(s\) .* skipped"):
-        build_dataset(ln.LocalizedNarratives, manual_dir=manual, data_dir=tmp_path / "data",
-                      config="coco")
+    builder = build_dataset(ln.LocalizedNarratives, manual_dir=manual,
+                            data_dir=tmp_path / "data", config="coco")
+    assert sorted(builder.info.splits) == ["train"]
+    assert "all 1 image(s)" in builder.empty_splits["validation"]
 
 
 def test_missing_annotation_files_are_reported(tmp_path, build_dataset):
@@ -213,3 +218,90 @@ def test_sample_utterance_traces_reversed_window_and_unknown_policy():
         ln.parse_narrative({**CAT, "traces": [[{"x": 0.1, "y": 0.1}]]})
     with pytest.raises(ValueError, match="policy"):
         ln.LocalizedNarratives(skip_policy="ignore")
+
+
+def test_raw_trace_is_stored_time_sorted_with_float64_times(built):
+    _, by_id = built
+    example = by_id["validation"]["1"]
+    trace = example["trace"]
+    dog = np.asarray(trace["narrative"]) == 0
+    # DOG's segments merged and sorted by time (its second segment is stored backwards), raw.
+    np.testing.assert_array_equal(np.asarray(trace["t"])[dog], [0.0, 1.5, 2.0, 3.0])
+    np.testing.assert_allclose(np.asarray(trace["xy"])[dog],
+                               [[0.1, 0.2], [0.4, 0.2], [0.4, 0.5], [0.9, 0.8]], atol=1e-7)
+    # GRASS keeps its point left of the image (x = -0.5): raw, not clipped.
+    np.testing.assert_allclose(np.asarray(trace["xy"])[~dog][0], [-0.5, 0.5])
+    assert np.asarray(trace["t"]).dtype == np.float64
+    assert np.asarray(example["utterances"]["start_time"]).dtype == np.float64
+
+
+def test_float64_windows_keep_boundary_points_where_the_file_puts_them(tmp_path, build_dataset,
+                                                                     examples_by_id):
+    # A point at t = 0.30000000000000004 is after the first window's end 0.3 in the file's
+    # precision; in float32 both are the same number and the point would fall in the window.
+    record = _narrative("1", 7, "a dog", [("a", 0.0, 0.3), ("dog", 0.30000000000000004, 1.0)],
+                        [_points((0.2, 0.2, 0.0), (0.9, 0.9, 0.30000000000000004),
+                                 (0.5, 0.5, 1.0))])
+    manual = _manual_dir(tmp_path, val_lines=[json.dumps(record)])
+    builder = build_dataset(ln.LocalizedNarratives, manual_dir=manual,
+                            data_dir=tmp_path / "data", config="coco")
+    example = examples_by_id(builder, "validation")["1"]
+    traces = NarrativeTraces.from_example(example, narrative=0)
+    targets, located = exact_utterance_targets(traces)
+    assert located.tolist() == [True, True]
+    np.testing.assert_allclose(targets[0], [[0.2, 0.2], [0.2, 0.2]], atol=1e-7)
+    np.testing.assert_allclose(targets[1], [[0.5, 0.5], [0.9, 0.9]], atol=1e-7)
+
+
+def test_unrelated_utterances_and_out_of_range_ids_are_refused_naming_the_line():
+    with pytest.raises(ln.BadNarrativeError, match="do not say the caption") as error:
+        ln.parse_narrative({**GRASS, "caption": "a cat on a sofa"})
+    assert error.value.reason == ln.UNRELATED_UTTERANCES
+    # Case, punctuation and how words are split over utterances do not matter.
+    narrative = ln.parse_narrative({**DOG, "caption": "A dog, on-grass. Later!"})
+    assert narrative.caption == "A dog, on-grass. Later!"
+    for annotator_id in (2 ** 31, -(2 ** 31) - 1):
+        with pytest.raises(ln.BadNarrativeError, match="does not fit the stored int32") as error:
+            ln.parse_narrative({**GRASS, "annotator_id": annotator_id})
+        assert error.value.reason == ln.ID_OUT_OF_RANGE
+    assert ln.parse_narrative({**GRASS, "annotator_id": 2 ** 31 - 1}).annotator_id == 2 ** 31 - 1
+
+
+def test_fail_policy_names_the_line_of_an_out_of_range_id(tmp_path, build_dataset):
+    manual = _manual_dir(tmp_path, val_lines=[VAL_LINES[0], VAL_LINES[13]])
+    with pytest.raises(BadRecordError, match=rf"{VAL_FILE}: line 2: .*annotator_id 2147483648"):
+        build_dataset(ln.LocalizedNarratives, manual_dir=manual, data_dir=tmp_path / "data",
+                      config="coco", skip_policy="fail")
+
+
+def _validation_only(tmp_path):
+    manual = _manual_dir(tmp_path, val_lines=VAL_LINES[:3])
+    for shard in (0, 1):
+        (manual / f"coco_train_localized_narratives-0000{shard}-of-00004.jsonl").unlink()
+    return manual
+
+
+def test_only_the_splits_whose_files_are_present_are_built(tmp_path, build_dataset,
+                                                            examples_by_id, capfd):
+    manual = _validation_only(tmp_path)
+    builder = build_dataset(ln.LocalizedNarratives, manual_dir=manual,
+                            data_dir=tmp_path / "data", config="coco")
+    assert sorted(builder.info.splits) == ["validation"]
+    assert sorted(examples_by_id(builder, "validation")) == ["1", "2"]
+    err = capfd.readouterr().err
+    assert "split 'train' is NOT built" in err
+    assert "coco_train_localized_narratives-*.jsonl" in err
+
+
+def test_chosen_splits_are_built_or_refused_by_name(tmp_path, build_dataset):
+    manual = _validation_only(tmp_path)
+    builder = build_dataset(ln.LocalizedNarratives, manual_dir=manual, data_dir=tmp_path / "a",
+                            config="coco", splits=["validation"])
+    assert sorted(builder.info.splits) == ["validation"]
+    with pytest.raises(FileNotFoundError, match=r"'train': .*coco_train_localized_narratives"):
+        build_dataset(ln.LocalizedNarratives, manual_dir=manual, data_dir=tmp_path / "b",
+                      config="coco", splits=["train", "validation"])
+    # With every file present, splits picks among them.
+    builder = build_dataset(ln.LocalizedNarratives, manual_dir=_manual_dir(tmp_path / "all"),
+                            data_dir=tmp_path / "c", config="coco", splits=["train"])
+    assert sorted(builder.info.splits) == ["train"]

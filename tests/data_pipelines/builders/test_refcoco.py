@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import struct
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.builders import refcoco
-from data_pipelines.skips import BadRecordError
+from data_pipelines.skips import BadRecordError, SkipCounter
 
 
 def _py2_pickle(value) -> bytes:
@@ -111,16 +112,23 @@ ANNOTATIONS = [
 ]
 
 
+def _sentence(sent_id, raw):
+    """As the refer files have it: ``tokens`` the lower-cased words of ``raw`` without
+    punctuation, ``sent`` those tokens joined."""
+    tokens = re.findall(r"\w+", raw.lower())
+    return {"tokens": tokens, "raw": raw, "sent_id": sent_id, "sent": " ".join(tokens)}
+
+
 def _ref(ref_id, ann_id, image_id, split, sentences):
     return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1,
             "split": split, "sent_ids": [s for s, _ in sentences],
             "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-            "sentences": [{"tokens": raw.lower().split(), "raw": raw, "sent_id": s,
-                           "sent": raw.lower().strip()} for s, raw in sentences]}
+            "sentences": [_sentence(s, raw) for s, raw in sentences]}
 
 
 REFS = [
-    _ref(0, 101, 11, "train", [(1000, "The L shape "), (1001, "  "), (1002, "caf\u00e9 sign")]),
+    _ref(0, 101, 11, "train", [(1000, "The L-shape, left! "), (1001, "  "),
+                               (1002, "caf\u00e9 sign")]),
     _ref(1, 102, 11, "train", [(1003, "crowd")]),
     _ref(2, 103, 11, "train", [(1004, "corner")]),
     _ref(3, 104, 11, "train", [(1005, "flat")]),          # degenerate box
@@ -227,8 +235,14 @@ def test_objects_boxes_and_expressions_of_an_image(refer_build, examples_by_id):
     expressions = example["expressions"]
     assert list(expressions["object"]) == [0, 0, 1, 2]
     assert list(expressions["id"]) == [1000, 1002, 1003, 1004]
-    # Stripped raw sentences; the Python 2 UTF-8 bytes decoded; the empty one left out.
-    assert _texts(expressions["text"]) == ["The L shape", "caf\u00e9 sign", "crowd", "corner"]
+    # The referring text is the refs' sent, as the official configs read it; the Python 2
+    # UTF-8 bytes decoded; the empty one left out. raw, sent and tokens are kept as they are.
+    assert _texts(expressions["text"]) == ["the l shape left", "caf\u00e9 sign", "crowd",
+                                           "corner"]
+    assert _texts(expressions["raw"]) == ["The L-shape, left! ", "caf\u00e9 sign", "crowd",
+                                          "corner"]
+    assert _texts(expressions["sent"]) == _texts(expressions["text"])
+    assert [t.split() for t in _texts(expressions["tokens"])][0] == ["the", "l", "shape", "left"]
 
 
 def test_masks_are_pixel_exact_for_polygons_and_both_rle_forms(refer_build, examples_by_id):
@@ -353,3 +367,21 @@ def test_render_mask_and_normalized_box_by_hand():
     with pytest.raises(refcoco.BadReferRecordError) as raised:
         refcoco.normalized_box([3, 1, 6, -2], height=4, width=8)
     assert raised.value.reason == refcoco.DEGENERATE_BOX
+
+
+def test_sentences_without_their_text_fields_are_counted():
+    data = refcoco.ReferData(
+        refs=[], annotations={ann["id"]: ann for ann in ANNOTATIONS},
+        images={12: {"id": 12, "height": 4, "width": 4}},
+        refs_file="refs(unc).p", annotations_file="instances.json", image_dir="")
+    good = _sentence(1, "Big square.")
+    sentences = [good, {**good, "sent_id": 2, "tokens": "big square"},
+                 {**good, "sent_id": 3, "tokens": ["big square"]},
+                 {k: v for k, v in good.items() if k != "sent"} | {"sent_id": 4},
+                 {**good, "sent_id": 5, "sent": "", "tokens": []}]
+    skips = SkipCounter(policy="skip")
+    ref = {**_ref(5, 105, 12, "train", []), "sentences": sentences}
+    obj = refcoco.parse_ref(ref, data, skips)
+    assert [(s.sent_id, s.raw, s.sent, s.tokens) for s in obj.sentences] == [
+        (1, "Big square.", "big square", ("big", "square"))]
+    assert skips.counts() == {refcoco.BAD_FIELD: 3, refcoco.EMPTY_SENTENCE: 1}

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.builders import visual_genome as vg
+from data_pipelines.builders.common import EmptySplitError
 from data_pipelines.skips import BadRecordError
 
 
@@ -205,3 +206,132 @@ def test_parse_region_rejects(region, reason):
     with pytest.raises(vg.BadRegionError) as raised:
         vg.parse_region(region, fields=vg.DENSECAP_FIELDS, height=4, width=4, image_id=5)
     assert raised.value.reason == reason
+
+
+def _small_densecap_dir(tmp_path, *, splits, files=None, sizes=None, regions=None):
+    """A DenseCap layout of 4x8 images 1..3 (one region each) unless ``files`` (id -> bytes),
+    ``sizes`` (id -> (h, w)) or ``regions`` (id -> list) say otherwise."""
+    manual = tmp_path / "small_manual"
+    (manual / "VG_100K").mkdir(parents=True)
+    files = {i: _png(np.full((4, 8, 3), 10 * i, np.uint8)) for i in (1, 2, 3)} | (files or {})
+    sizes = {i: (4, 8) for i in files} | (sizes or {})
+    regions = {i: [_region(10 * i, i, 0, 0, 2, 2, f"thing {i}")] for i in files} | (regions or {})
+    for image_id, data in files.items():
+        (manual / "VG_100K" / f"{image_id}.jpg").write_bytes(data)
+    (manual / "region_descriptions.json").write_text(json.dumps(
+        [{"id": image_id, "regions": listed} for image_id, listed in regions.items()]))
+    (manual / "image_data.json").write_text(json.dumps(
+        [{"image_id": image_id, "height": h, "width": w} for image_id, (h, w) in sizes.items()]))
+    (manual / "densecap_splits.json").write_text(json.dumps(splits))
+    return manual
+
+
+def _exif_rotated_jpeg(height, width):
+    """A JPEG stored ``height x width`` whose EXIF tag says: turn 90 degrees to display."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored = np.zeros((height, width, 3), np.uint8)
+    stored[:, width // 2:] = 255
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_images_are_read_in_the_stored_frame_of_the_boxes(tmp_path, build_dataset,
+                                                          examples_by_id):
+    # Visual Genome's sizes and boxes are those of the stored pixels (as TF decodes them).
+    manual = _small_densecap_dir(tmp_path, splits={"train": [1], "val": [2], "test": [3]},
+                                 files={1: _exif_rotated_jpeg(4, 8)})
+    builder = build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                            config="densecap", skip_policy="fail")
+    image = examples_by_id(builder, "train")["1"]["image"]
+    assert image.shape == (4, 8, 3)
+    assert image[:, :3].mean() < 10 and image[:, 5:].mean() > 245
+
+
+def test_a_size_mismatch_names_the_file_that_gave_the_size(tmp_path, build_dataset):
+    manual = _small_densecap_dir(tmp_path, splits={"train": [1], "val": [2], "test": [3]},
+                                 sizes={2: (8, 4)})
+    with pytest.raises(BadRecordError, match=r"2.jpg: image 2: image is 8x4, .*image_data.json "
+                                             r"says 4x8"):
+        build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                      config="densecap", skip_policy="fail")
+
+
+def test_an_empty_split_is_left_out_and_the_others_are_written(tmp_path, build_dataset,
+                                                              examples_by_id, capsys):
+    # Every image of the test split is skipped (no regions, an empty phrase).
+    manual = _small_densecap_dir(tmp_path, splits={"train": [1], "val": [2], "test": [3, 4]},
+                                 regions={3: [_region(30, 3, 0, 0, 2, 2, " ")]},
+                                 sizes={4: (4, 8)})
+    builder = build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                            config="densecap")
+    assert set(builder.info.splits) == {"train", "val"}
+    assert set(examples_by_id(builder, "val")) == {"2"}
+    assert list(builder.empty_splits) == ["test"]
+    warning = capsys.readouterr().err
+    assert "split 'test': all 2 image(s) were skipped" in warning
+    assert "split 'test' is NOT written" in warning
+    assert "image without usable regions         2" in warning
+
+
+def test_an_empty_split_stops_a_fail_build_naming_it(tmp_path, build_dataset):
+    manual = _small_densecap_dir(tmp_path, splits={"train": [1], "val": [], "test": [3]})
+    with pytest.raises(EmptySplitError, match="densecap split 'val': the annotations list "
+                                                 "no image"):
+        build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                      config="densecap", skip_policy="fail")
+
+
+def test_grit_builds_the_splits_whose_files_are_there(tmp_path, build_dataset, examples_by_id,
+                                                     capsys):
+    manual = _grit_manual_dir(tmp_path)
+    (manual / "annotations" / "train.json").unlink()
+    builder = build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                            config="grit")
+    assert set(builder.info.splits) == {"test"}
+    assert set(examples_by_id(builder, "test")) == {"9"}
+    warning = capsys.readouterr().err
+    assert "split 'train' is NOT built" in warning and "annotations/train.json" in warning
+    with pytest.raises(FileNotFoundError, match="requested split.*annotations/train.json"):
+        build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data2",
+                      config="grit", splits=["train"])
+
+
+@pytest.mark.parametrize("config, splits", [("grit", ["test"]), ("densecap", ["val", "test"])])
+def test_splits_can_be_chosen(tmp_path, build_dataset, config, splits):
+    manual = (_grit_manual_dir(tmp_path) if config == "grit"
+              else _small_densecap_dir(tmp_path, splits={"train": [1], "val": [2], "test": [3]}))
+    builder = build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                            config=config, splits=splits)
+    assert set(builder.info.splits) == set(splits)
+    with pytest.raises(ValueError, match=r"no split \['tset'\]"):
+        build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data2",
+                      config=config, splits=["tset"])
+
+
+@pytest.mark.parametrize("region_id", [2**63, -2**63 - 1])
+def test_a_region_id_outside_int64_is_a_counted_skip(tmp_path, build_dataset, examples_by_id,
+                                                     region_id):
+    manual = _small_densecap_dir(
+        tmp_path, splits={"train": [1], "val": [2], "test": [3]},
+        regions={1: [_region(region_id, 1, 0, 0, 1, 1, "huge id"),
+                     _region(11, 1, 0, 0, 2, 2, "fine")]})
+    builder = build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                            config="densecap")
+    assert list(examples_by_id(builder, "train")["1"]["objects"]["id"]) == [11]
+    assert builder.skip_counts["train"] == {vg.BAD_FIELD: 1}
+    with pytest.raises(BadRecordError, match=f"region_descriptions.json: image 1 region 0: "
+                                             f"field 'region_id' is {region_id}, outside int64"):
+        build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data2",
+                      config="densecap", skip_policy="fail")
+
+
+def test_the_skip_summary_is_printed(tmp_path, build_dataset, capsys):
+    manual = _small_densecap_dir(tmp_path, splits={"train": [1, 4], "val": [2], "test": [3]},
+                                 sizes={4: (4, 8)})
+    build_dataset(vg.VgDensecap, manual_dir=manual, data_dir=tmp_path / "data",
+                  config="densecap")
+    printed = capsys.readouterr().out
+    assert "vg_densecap/densecap train: skipped records (skip policy):" in printed
+    assert "vg_densecap/densecap val: no records skipped" in printed

@@ -40,6 +40,10 @@ def _narratives_record(image):
             "points": [_points(0.25, 0.25), _points(0.75, 0.5), _points(0.5, 0.75)],
             "valid": [np.True_, np.False_, np.True_],
         },
+        "trace": {"narrative": [np.int32(0), np.int32(0), np.int32(1)],
+                  "xy": [np.asarray([0.5, 0.5], np.float32), np.asarray([1, 0.25], np.float32),
+                         np.asarray([0, 1], np.float32)],
+                  "t": [np.float64(0.5), np.float64(1.5), np.float64(0.25)]},
     }
 
 
@@ -123,3 +127,14 @@ def test_mask_of_the_wrong_size_is_refused():
               "expressions": {"object": [0], "text": [b"x"], "id": [1]}}
     with pytest.raises(ValueError, match="object 0 mask is 6x5, the image 6x4"):
         decode()(record, np.random.default_rng(0))
+
+
+def test_encoded_images_keep_the_stored_frame_of_their_boxes():
+    # An EXIF orientation tag is not applied: the stored boxes are in the stored frame.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buffer, format="JPEG", exif=exif)
+    out = decode()(_narratives_record(buffer.getvalue()), np.random.default_rng(0))
+    assert out[fields.IMAGE].shape == (4, 6, 3)
+    np.testing.assert_allclose(out[fields.NARRATIVES][0][fields.UTTERANCE_BOXES][0], [0, 0, 3, 2])

@@ -40,14 +40,21 @@ def _narrative(caption, utterances, boxes, *, valid=None, visible=None, width=8,
     scale = np.asarray([width, height, width, height], np.float32)
     corners = boxes.reshape(-1, 2, 2)
     points = np.linspace(corners[:, 0], corners[:, 1], 16, axis=1)
+    # The raw trace is the samples themselves, utterance u's at times u + k / 30 in its window
+    # [u, u + 0.5].
+    times = (np.arange(count)[:, None] + np.linspace(0.0, 0.5, 16)[None]).reshape(-1)
     return {
         fields.CAPTION: caption, fields.UTTERANCE_TEXTS: list(utterances),
         fields.UTTERANCE_BOXES: boxes, fields.UTTERANCE_POINTS: points,
         fields.UTTERANCE_VALID: valid,
         fields.UTTERANCE_VISIBLE: np.ones(count, bool) if visible is None else np.asarray(visible),
+        fields.TRACE_POINTS: points.reshape(-1, 2),
         fields.ALIGNMENT_TRACES: alignment.NarrativeTraces(
             caption=caption, utterances=tuple(utterances), boxes=boxes / scale,
-            points=points / scale[:2], valid=valid),
+            points=points / scale[:2], valid=valid,
+            start_times=np.arange(count, dtype=np.float64),
+            end_times=np.arange(count, dtype=np.float64) + 0.5,
+            trace_xy=points.reshape(-1, 2) / scale[:2], trace_t=times),
     }
 
 
