@@ -92,6 +92,15 @@ def _resolve(directory: Path) -> Path:
                             f"{', '.join('*' + s for s in _TORCH_SUFFIXES)})")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file :func:`read_state_dict` reads for ``path``: ``path`` itself, or the one checkpoint
+    (or shard index) in a directory; the name error messages about its contents should carry."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    return _resolve(path) if path.is_dir() else path
+
+
 def read_state_dict(path: str | Path, *, prefix: str = "") -> dict[str, np.ndarray]:
     """``{key: array}`` for every tensor of a checkpoint file, shard index or directory.
 
@@ -105,11 +114,7 @@ def read_state_dict(path: str | Path, *, prefix: str = "") -> dict[str, np.ndarr
     file or shard, and :class:`~pixelllm.checkpoints.torch_file.ForbiddenGlobalError` for a
     pickle that names anything but tensors.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    if path.is_dir():
-        path = _resolve(path)
+    path = checkpoint_file(path)
     head = prefix.rstrip(".") + "." if prefix else ""
     seen: set[str] = set()
 

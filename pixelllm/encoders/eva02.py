@@ -446,7 +446,7 @@ def _size(embed_dim: int, depth: int) -> str:
 
 def _variant_hint(module: Eva02, state_dict: Mapping[str, np.ndarray]) -> str | None:
     """What the file looks like (e.g. EVA02-B) when its width or depth differs from the model's."""
-    if "cls_token" not in state_dict:
+    if np.ndim(state_dict.get("cls_token", 0)) == 0:  # absent or scalar: the key listing tells
         return None
     block = re.compile(r"blocks\.(\d+)\.")
     depth = 1 + max((int(m.group(1)) for k in state_dict if (m := block.match(k))), default=-1)

@@ -151,7 +151,10 @@ class HFTokenizer(Tokenizer):
                 f"{path}: cannot tell the eos token (no tokenizer_config.json, template or usual "
                 "name); pass eos_token=")
         eos = roles["eos_token"]
-        super().__init__(path=path, vocab_size=backend.get_vocab_size(with_added_tokens=True),
+        # One more than the largest id, not the count of tokens, which is smaller where a file's
+        # ids have gaps: every id encode can return must lie below vocab_size.
+        vocab_size = 1 + max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        super().__init__(path=path, vocab_size=vocab_size,
                          bos_id=roles["bos_token"], eos_id=eos,
                          pad_id=eos if roles["pad_token"] is None else roles["pad_token"],
                          stop_ids=_extra_stop_ids(directory))

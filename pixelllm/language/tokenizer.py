@@ -84,7 +84,7 @@ class Tokenizer(abc.ABC):
 
     Attributes:
       path: the file it was read from.
-      vocab_size: number of ids, special tokens included.
+      vocab_size: one more than the largest id it can produce, special and added tokens included.
       bos_id: beginning-of-sequence id, ``None`` where the family has none (T5).
       eos_id: end-of-sequence id.
       pad_id: padding id; the file's pad token, else ``eos_id`` (padded positions are masked,

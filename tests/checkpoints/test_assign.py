@@ -1,3 +1,4 @@
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -48,3 +49,20 @@ def test_check_keys_truncates_long_listings():
     expected = {f"k{i}": (1,) for i in range(30)}
     with pytest.raises(assign.CheckpointMismatchError, match=r"30 missing keys: .*\(10 more\)"):
         assign.check_keys(source="x", expected=expected, found={})
+
+
+def test_assign_casts_within_a_dtype_kind_and_refuses_other_kinds_naming_the_file():
+    model = _TwoLayers(nnx.Rngs(0))
+    arrays = {k: v.astype(ml_dtypes.bfloat16) for k, v in _arrays().items()}
+    assign.assign(model, arrays, source="bf16.safetensors")  # any float width loads
+    before = np.asarray(model.blocks[0].kernel.get_value())
+    arrays["blocks/0/kernel"] = np.ones((3, 4), np.int8)  # a quantized file, not weights
+    arrays["blocks/1/bias"] = np.ones(2, bool)
+    with pytest.raises(assign.CheckpointMismatchError) as error:
+        assign.assign(model, arrays, source="int8/model.safetensors")
+    message = str(error.value)
+    assert message.startswith("int8/model.safetensors: ")
+    assert "2 parameters of another dtype kind" in message
+    assert "blocks/0/kernel (checkpoint int8, model float32)" in message
+    assert "blocks/1/bias (checkpoint bool, model float32)" in message
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].kernel.get_value()), before)

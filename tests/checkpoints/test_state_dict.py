@@ -3,10 +3,11 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 
-from pixelllm.checkpoints.state_dict import read_state_dict
+from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
 from pixelllm.checkpoints.torch_file import ForbiddenGlobalError
 
 
@@ -120,3 +121,12 @@ def test_read_state_dict_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"d\.pth: no tensors; top-level key groups "
                                          r"\(tensor count\): none"):
         read_state_dict(tmp_path / "d.pth")
+
+
+def test_checkpoint_file_is_the_file_a_folder_is_read_from(tmp_path):
+    """Loaders name this file, not the folder, in their mismatch messages."""
+    safetensors.numpy.save_file({"a": np.ones(1, np.float32)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_file(tmp_path) == tmp_path / "model.safetensors"
+    assert checkpoint_file(tmp_path / "model.safetensors") == tmp_path / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"gone\.pth: no such checkpoint"):
+        checkpoint_file(tmp_path / "gone.pth")

@@ -26,7 +26,7 @@ from flax import nnx
 
 from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError
-from pixelllm.checkpoints.state_dict import read_state_dict
+from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
 from pixelllm.encoders.sam import prompt_encoder as prompt_encoder_lib
@@ -140,7 +140,7 @@ def _variant_hint(model: Sam, state_dict: Mapping[str, np.ndarray], layout: str)
     """What the file's image encoder looks like (e.g. vit_b) when it differs from the model's."""
     prefix = _PREFIXES[layout][0]
     pos_embed = state_dict.get(prefix + "pos_embed")
-    if pos_embed is None:
+    if pos_embed is None or np.ndim(pos_embed) == 0:  # the key listing says what is wrong
         return None
     blocks = prefix + _BLOCKS[layout] + "."
     file_size = _image_encoder_size(np.shape(pos_embed)[-1], _count(state_dict, blocks))
@@ -184,26 +184,30 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
     image, prompt, mask = _PREFIXES[layout]
     hf = layout == "transformers"
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, rank: int) -> tuple[int, ...]:
         if key not in state_dict:
             raise CheckpointMismatchError(f"{source}: SAM key {key} is missing")
-        return tuple(np.shape(state_dict[key]))
+        found = tuple(np.shape(state_dict[key]))
+        if len(found) != rank or 0 in found:
+            raise CheckpointMismatchError(f"{source}: SAM key {key} has shape {found}; a SAM "
+                                          f"checkpoint holds a non-empty {rank}-d array there")
+        return found
 
     embed_dim, _, patch, _ = shape(image + ("patch_embed.projection" if hf else "patch_embed.proj")
-                                   + ".weight")
-    grid = shape(image + "pos_embed")[1]
+                                   + ".weight", 4)
+    grid = shape(image + "pos_embed", 4)[1]
     blocks = image + _BLOCKS[layout] + "."
     depth = _count(state_dict, blocks)
-    tables = [shape(f"{blocks}{i}.attn.rel_pos_h") for i in range(depth)]
+    tables = [shape(f"{blocks}{i}.attn.rel_pos_h", 2) for i in range(depth)]
     windows = {n for n, _ in tables if n != 2 * grid - 1}
     if len(windows) > 1:
         raise CheckpointMismatchError(f"{source}: windowed blocks with relative-position tables "
                                       f"of several lengths {sorted(windows)}")
-    mlp_dim = shape(f"{blocks}0.mlp.lin1.weight")[0]
+    mlp_dim = shape(f"{blocks}0.mlp.lin1.weight", 2)[0]
     neck_conv = image + ("neck.conv1" if hf else "neck.0") + ".weight"
-    transformer_dim = shape(mask + "iou_token.weight")[1]
-    lin1 = shape(mask + "transformer.layers.0.mlp.lin1.weight")
-    cross_q = shape(mask + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight")
+    transformer_dim = shape(mask + "iou_token.weight", 2)[1]
+    lin1 = shape(mask + "transformer.layers.0.mlp.lin1.weight", 2)
+    cross_q = shape(mask + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight", 2)
     iou_first = mask + "iou_prediction_head." + ("proj_in" if hf else "layers.0") + ".weight"
     iou_depth = _count(state_dict, mask + "iou_prediction_head.layers.") + (2 if hf else 0)
     mask_conv3 = prompt + ("mask_embed.conv3" if hf else "mask_downscaling.6") + ".weight"
@@ -211,18 +215,18 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
         "image_encoder": dict(
             img_size=img_size or grid * patch, pretrain_img_size=grid * patch, patch_size=patch,
             embed_dim=embed_dim, depth=depth, num_heads=embed_dim // tables[0][1],
-            mlp_ratio=mlp_dim / embed_dim, out_chans=shape(neck_conv)[0],
+            mlp_ratio=mlp_dim / embed_dim, out_chans=shape(neck_conv, 4)[0],
             window_size=(windows.pop() + 1) // 2 if windows else grid,
             global_attn_indexes=tuple(i for i, (n, _) in enumerate(tables) if n == 2 * grid - 1),
             layer_norm_eps=_IMAGE_ENCODER_EPS),
-        "prompt_encoder": dict(embed_dim=transformer_dim, mask_in_chans=shape(mask_conv3)[1]),
+        "prompt_encoder": dict(embed_dim=transformer_dim, mask_in_chans=shape(mask_conv3, 4)[1]),
         "mask_decoder": dict(
             transformer_dim=transformer_dim,
             transformer_depth=_count(state_dict, mask + "transformer.layers."),
             transformer_heads=decoder_heads, transformer_mlp_dim=lin1[0],
             attention_downsample_rate=transformer_dim // cross_q[0],
-            num_multimask_outputs=shape(mask + "mask_tokens.weight")[0] - 1,
-            iou_head_depth=iou_depth, iou_head_hidden_dim=shape(iou_first)[0],
+            num_multimask_outputs=shape(mask + "mask_tokens.weight", 2)[0] - 1,
+            iou_head_depth=iou_depth, iou_head_hidden_dim=shape(iou_first, 2)[0],
             layer_norm_eps=_MASK_DECODER_EPS[layout]),
     }
 
@@ -237,7 +241,7 @@ def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *,
     (e.g. 384 as PixelLLM) overrides the input size only; weights keep their pretrained shapes.
     """
     is_dict = isinstance(checkpoint, Mapping)
-    source = "SAM state dict" if is_dict else str(checkpoint)
+    source = "SAM state dict" if is_dict else str(checkpoint_file(checkpoint))
     state_dict = checkpoint if is_dict else read_state_dict(checkpoint)
     if config is None:
         fields = config_from_state_dict(state_dict, source=source)
@@ -246,5 +250,8 @@ def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *,
                   for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
     if img_size is not None:
         fields["image_encoder"]["img_size"] = img_size
-    model = nnx.eval_shape(lambda: Sam(**fields, dtype=dtype, rngs=nnx.Rngs(0)))
+    try:
+        model = nnx.eval_shape(lambda: Sam(**fields, dtype=dtype, rngs=nnx.Rngs(0)))
+    except ValueError as e:  # sizes read from (or meant for) the file that build no model
+        raise CheckpointMismatchError(f"{source}: no SAM model of these sizes: {e}") from e
     return load(model, state_dict, source=source)
