@@ -1,0 +1,1 @@
+"""Training: the optimizer, the trained parameter set, the train step and its loop."""
