@@ -45,6 +45,9 @@ def build(*, model_variant: str, data_variant: str) -> ml_collections.ConfigDict
     config.model.sam.image_encoder.img_size = canvas
     config.model.eva02.img_size = canvas
     config.model.point_head.num_points = data.sizes.points_per_token
+    # Dense captioning writes its caption candidates into the batch's slots: at most as many.
+    config.model.dense_captioning.num_text_proposals = min(
+        config.model.dense_captioning.num_text_proposals, data.sizes.slots)
     config.lock()
     check(config)
     return config

@@ -1,0 +1,123 @@
+"""The training stages: every one builds, is locked, parses as optimizer settings, freezes what the
+official stage freezes, and keeps the official values."""
+
+import numpy as np
+import pytest
+from configs import stages
+from flax import nnx
+
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
+from pixelllm.train import optimizer, trained_set
+
+NAMES = [name + suffix for name in stages.STAGES for suffix in ("", "_tiny")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    # Shapes only: the patterns and counts need no values.
+    config = stages.get_config("trace_tiny").model
+    return nnx.eval_shape(lambda: PixelLLM.from_config(config, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_stage_builds_locked_with_the_schema_fields(name):
+    config = stages.get_config(name)
+    assert config.stage == name
+    for field in ("seed", "train", "optimizer", "frozen", "init", "checkpoint", "mesh_shape",
+                  "model", "loss", "data", "sharding"):
+        assert field in config, field
+    assert set(config.init) == {"sam", "eva02", "language_model", "tokenizer", "checkpoint"}
+    with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+        config.train.batch_sise = 1
+    with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+        config.not_a_field = 1
+    settings = optimizer.OptimizerSettings.from_config(config.optimizer)
+    assert settings.total_steps == config.train.steps
+    assert config.data.batch_size == config.train.batch_size
+    assert config.model.dense_captioning.num_text_proposals <= config.data.sizes.slots
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name.endswith("_tiny")])
+def test_tiny_stages_train_in_seconds(name):
+    config = stages.get_config(name)
+    assert (config.model_variant, config.data_variant) == ("tiny", "smoke")
+    assert (config.train.batch_size, config.train.steps, config.optimizer.warmup_steps,
+            config.checkpoint.save_interval_steps) == (4, 4, 1, 2)
+    assert config.train.eval_every == 0
+    assert set(config.init.values()) == {""}
+    full = stages.get_config(name.removesuffix("_tiny"))
+    assert config.frozen == full.frozen
+    assert config.optimizer.lr_multipliers == full.optimizer.lr_multipliers
+    assert config.optimizer.layer_decay == full.optimizer.layer_decay
+
+
+@pytest.mark.parametrize("name", list(stages.STAGES))
+def test_frozen_patterns_match_the_model(name, tiny_model):
+    config = stages.get_config(name + "_tiny")
+    for pattern in config.frozen:
+        # trained_filter refuses a pattern that matches no parameter.
+        trained_set.trained_filter(tiny_model, (pattern,))
+    trained = trained_set.trained_filter(tiny_model, config.frozen)
+    counts = {module: count for module, count, _ in
+              trained_set.parameter_counts(tiny_model, trained) if count}
+    towers = {"eva02", "prompt_adapter", "lm"}
+    expected = {  # besides "total"; modules the official stage does not build are frozen too
+        "trace": towers | {"point_head"},
+        "ref": towers | {"point_head"},
+        "refseg": {"mask_adapter", "point_head"},
+        "densecap": towers | {"proposal_head"},
+        "multitask": towers | {"point_head", "proposal_head"},
+        "multitask_refseg": {"mask_adapter"},
+    }[name] | {"total"}
+    assert set(counts) == expected
+
+
+def test_official_values():
+    table = {  # batch, steps, warm-up, lr, wd, layer decay (official configs/t5/*.py)
+        "trace": (256, 10_000, 250, 5e-5, 0.0, None),
+        "ref": (64, 120_000, 1_000, 5e-5, 0.0, None),
+        "refseg": (64, 60_000, 500, 5e-5, 0.0, None),
+        "densecap": (64, 40_000, 1_000, 1e-4, 0.05, 0.8),
+        "multitask": (128, 240_000, 2_000, 1e-4, 0.05, 0.8),
+        "multitask_refseg": (128, 30_000, 250, 1e-4, 0.0, None),
+    }
+    for name, values in table.items():
+        config = stages.get_config(name)
+        o = config.optimizer
+        assert (config.train.batch_size, config.train.steps, o.warmup_steps, o.learning_rate,
+                o.weight_decay, o.layer_decay) == values, name
+        assert (o.b1, o.b2, o.eps, o.grad_clip_norm) == (0.9, 0.999, 1e-8, None), name
+        assert config.model_variant == "t5_xl"
+    assert stages.get_config("densecap").model.dense_captioning.num_text_proposals == 32
+    assert stages.get_config("multitask").model.dense_captioning.num_text_proposals == 16
+    assert stages.get_config("densecap").optimizer.eva02_num_layers == 24
+    assert stages.get_config("densecap").checkpoint.save_interval_steps == 5_000
+    refseg = optimizer.OptimizerSettings.from_config(stages.get_config("refseg").optimizer)
+    assert optimizer.multiplier_of(refseg, "mask_adapter/queries") == 10.0
+    assert optimizer.multiplier_of(refseg, "point_head/hidden/0/kernel") == 1.0
+    multitask_refseg = stages.get_config("multitask_refseg")
+    assert multitask_refseg.optimizer.lr_multipliers == ()
+    densecap = optimizer.OptimizerSettings.from_config(stages.get_config("densecap").optimizer)
+    np.testing.assert_allclose(
+        optimizer.learning_rate_of(densecap, "eva02/blocks/3/attn/q/kernel", 20_000),
+        1e-4 * 0.5 * (1 + np.cos(np.pi * 19_000 / 39_000)) * 0.8 ** 21, rtol=1e-6)
+    assert stages.get_config("trace").data.train[0]["task"] == "trace"
+    assert {source["task"] for source in stages.get_config("multitask_refseg").data.train} == {
+        "refseg"}
+
+
+def test_init_sources_chain_the_stages():
+    init = {name: stages.get_config(name).init for name in stages.STAGES}
+    assert {name: i.checkpoint for name, i in init.items()} == {
+        "trace": "", "ref": "workdirs/trace", "refseg": "workdirs/ref",
+        "densecap": "workdirs/trace", "multitask": "", "multitask_refseg": "workdirs/multitask"}
+    # EVA02 from its public file only where the official starts from its WebLI checkpoint.
+    assert {name for name, i in init.items() if i.eva02} == {"trace", "multitask"}
+    for name, i in init.items():
+        assert (i.sam, i.language_model) == (stages.SAM_H, stages.FLAN_T5_XL), name
+        assert i.tokenizer == stages.get_config(name).data.tokenizer
+
+
+def test_unknown_stage_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown stage 'tracee'.*'trace'"):
+        stages.get_config("tracee")
