@@ -6,6 +6,13 @@ import os
 # Must happen before the first `import jax` anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the run, shared by the xdist workers and the processes
+# tests start: the tiny models' programs recur across tests (keys include the program, the
+# compile options and the jax version, so a stale entry is never used).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import importlib.abc
 import importlib.machinery

@@ -13,6 +13,8 @@ from pixelllm.nn import box_ops
 
 def test_overfits_one_mixed_batch(make_batch, build_model):
     config = pixelllm_config.get_config("tiny")
+    # No dense captioning in this batch: the light detector keeps the 200 steps cheap.
+    config.model.proposal_head.kind = "light"
     # The refseg slots' text is asserted below, so they train it (the extension switch).
     weights = dict(config.loss.to_dict(), label_smoothing=0.0, text_on_referring=True)
     model = build_model(config, seed=5)

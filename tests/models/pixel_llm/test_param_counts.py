@@ -79,12 +79,25 @@ def _light_proposal_head(fused):
             + (9 * 256 * 1 + 1) + (9 * 256 * 4 + 4) + 1)
 
 
+@pytest.fixture(scope="module")
+def abstract_model():
+    """Full-size abstract models (``nnx.eval_shape``), built once per variant: tracing the
+    3B-parameter t5_xl model takes about a minute."""
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            built[variant] = param_table.build_abstract(pixelllm_config.get_config(variant))
+        return built[variant]
+    return get
+
+
 @pytest.mark.parametrize("variant,lm_width,lm_frozen,lm_lora", [
     ("t5_xl", 2048, FLAN_T5_XL, FLAN_T5_XL_LORA),
     ("gemma2_2b", 2304, GEMMA2_2B, 26 * 32 * (2304 + 8 * 256) + 26 * 32 * (2304 + 4 * 256)),
 ])
-def test_full_size_parameter_table(variant, lm_width, lm_frozen, lm_lora):
-    model = param_table.build_abstract(pixelllm_config.get_config(variant))
+def test_full_size_parameter_table(variant, lm_width, lm_frozen, lm_lora, abstract_model):
+    model = abstract_model(variant)
     rows = {name: (trainable, frozen)
             for name, trainable, frozen in param_table.param_rows(model, depth=1)}
     expected = {"sam": (0, SAM_VIT_H), "eva02": (EVA02_L_384, 0), "lm": (lm_lora, lm_frozen)}
@@ -104,10 +117,10 @@ def test_light_proposal_head_switch_at_the_paper_sizes():
         _light_proposal_head(1280))
 
 
-def test_prompt_adapter_matches_the_official_count_at_the_t5_config():
+def test_prompt_adapter_matches_the_official_count_at_the_t5_config(abstract_model):
     """The t5_xl adapter (official style) equals the official PromptAdaptor less its unused
     dense_output_mlp, and its projection to the LM equals the official visual projection."""
-    model = param_table.build_abstract(pixelllm_config.get_config("t5_xl"))
+    model = abstract_model("t5_xl")
     adapter = model.prompt_adapter
 
     def count(module):
