@@ -16,27 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
-  echo "error: $1" >&2
-  exit 2
-}
-
-# A word as the shell reads it back: bare when safe, else single-quoted.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out=() word
-  for word in "$@"; do out+=("$(quote "$word")"); done
-  printf '%s' "${out[*]}"
-}
+# shellcheck source=launch/train_common.sh
+source launch/train_common.sh
 
 config="" workdir="" nodes=1 gpus_per_node=8 processes="per_gpu" partition="" time_limit=""
 job_name="pixelllm" dry_run=0 envs=() extra=()
@@ -58,17 +39,13 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-[ -n "$config" ] || usage "--config (e.g. configs/stages.py:trace) is required"
 [ -n "$workdir" ] || usage "--workdir is required"
-[ -f "${config%%:*}" ] || usage "--config: no file ${config%%:*}"
+check_config_and_envs "$config" "${envs[@]}"
 [[ $workdir == /* || $workdir == gs://* ]] ||
   usage "--workdir=$workdir must be absolute (on a file system every node sees) or gs://"
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || usage "--nodes=$nodes: expected a positive integer"
 [[ $gpus_per_node =~ ^[1-9][0-9]*$ ]] ||
   usage "--gpus_per_node=$gpus_per_node: expected a positive integer"
-for pair in "${envs[@]}"; do
-  [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage "--env=$pair: expected KEY=VALUE"
-done
 
 case "$processes" in
   per_gpu) tasks_per_node=$gpus_per_node ;;
@@ -79,8 +56,7 @@ case "$processes" in
   *) usage "--processes=$processes: per_gpu or per_node" ;;
 esac
 
-jax_version=$(sed -n 's/^jax==//p' requirements.lock)
-[ -n "$jax_version" ] || usage "requirements.lock pins no jax version"
+jax_version=$(locked_jax_version)
 setup_env=(bash launch/setup_env.sh)
 setup_cuda=(.venv/bin/python -m pip install -q "jax[cuda12]==$jax_version")
 

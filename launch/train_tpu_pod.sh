@@ -15,27 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
-  echo "error: $1" >&2
-  exit 2
-}
-
-# A word as the shell reads it back: bare when safe, else single-quoted.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out=() word
-  for word in "$@"; do out+=("$(quote "$word")"); done
-  printf '%s' "${out[*]}"
-}
+# shellcheck source=launch/train_common.sh
+source launch/train_common.sh
 
 tpu="" zone="" project="" config="" workdir="" worker="all" repo_dir="pixelllm" dry_run=0
 envs=() extra=()
@@ -58,18 +39,13 @@ done
 
 [ -n "$tpu" ] || usage "--tpu (the TPU VM's name) is required"
 [ -n "$zone" ] || usage "--zone is required"
-[ -n "$config" ] || usage "--config (e.g. configs/stages.py:trace) is required"
 [ -n "$workdir" ] || usage "--workdir is required"
-[ -f "${config%%:*}" ] || usage "--config: no file ${config%%:*}"
+check_config_and_envs "$config" "${envs[@]}"
 [[ $workdir == gs://* ]] ||
   usage "--workdir=$workdir must be a gs:// path (every host writes to it)"
 [[ $worker == all || $worker =~ ^[0-9]+(,[0-9]+)*$ ]] || usage "--worker=$worker: all or 0,1,..."
-for pair in "${envs[@]}"; do
-  [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage "--env=$pair: expected KEY=VALUE"
-done
 
-jax_version=$(sed -n 's/^jax==//p' requirements.lock)
-[ -n "$jax_version" ] || usage "requirements.lock pins no jax version"
+jax_version=$(locked_jax_version)
 tpu_runtime=$(quote "jax[tpu]==$jax_version")
 setup="bash launch/setup_env.sh && .venv/bin/python -m pip install -q $tpu_runtime"
 train=(.venv/bin/python -m pixelllm.main "--config=$config" "--workdir=$workdir" "${extra[@]}")
