@@ -70,8 +70,6 @@ class EvalLoss:
                 raise ValueError(f"evaluation source {name}: the pipeline gave no batch")
             for term, value in totals.items():
                 scalars[f"{name}/loss/{term}"] = float(value.mean())
-            total = train_step.weighted_total(
-                totals, {term: value.normalizer for term, value in totals.items()},
-                self._weights)
+            total = objective.weighted_total(totals, self._weights)
             scalars[f"{name}/loss/total"] = float(np.asarray(total))
         return scalars

@@ -118,13 +118,11 @@ def batch_shards(mesh: Mesh, rules: sharding.Rules) -> int:
 
 def weighted_total(terms: Mapping[str, LossValue], normalizers: Mapping[str, jax.Array],
                    weights: Mapping[str, Any]) -> jax.Array:
-    """``sum_t weight_t * total_t / normalizer_t`` with the objective's weights; a normalizer of
-    0 gives 0, as :meth:`LossValue.mean`."""
-    total = jnp.zeros((), jnp.float32)
-    for name, value in terms.items():
-        total = total + objective.weight_of(name, weights) * LossValue(
-            value.total, normalizers[name]).mean()
-    return total
+    """:func:`objective.weighted_total` of ``terms`` divided by ``normalizers`` (the whole
+    batch's, where ``terms`` are one micro-batch's sums)."""
+    return objective.weighted_total(
+        {name: LossValue(value.total, normalizers[name]) for name, value in terms.items()},
+        weights)
 
 
 def _split_micro_batches(batch: Mapping[str, jax.Array], k: int, mesh: Mesh,

@@ -115,13 +115,19 @@ def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[s
         terms.update({f"proposal_{name}": value
                       for name, value in outputs.proposal_terms.items()})
 
+    return weighted_total(terms, weights), terms
+
+
+def weighted_total(terms: Mapping[str, LossValue], weights: Mapping[str, float]) -> jax.Array:
+    """``sum_t weight_t * terms[t].mean()``: the total of :func:`compute`, also for terms summed
+    over several batches (micro-batches, an evaluation split) before dividing."""
     total = jnp.zeros((), jnp.float32)
     for name, value in terms.items():
-        total = total + weight_of(name, weights) * value.mean()
-    return total, terms
+        total = total + _weight_of(name, weights) * value.mean()
+    return total
 
 
-def weight_of(name: str, weights: Mapping[str, float]) -> float:
+def _weight_of(name: str, weights: Mapping[str, float]) -> float:
     """The weight of term ``name``: the heatmap's positive and negative focal terms share
     ``proposal_heatmap``."""
     if name.startswith("proposal_heatmap"):
