@@ -6,6 +6,15 @@
   --config=configs/data.py:refseg     referring segmentation
   --config=configs/data.py:densecap   Visual Genome dense captioning
   --config=configs/data.py:smoke      the pixelllm mixture at tiny sizes (CPU tests, benchmarks)
+  --config=configs/data.py:trace_coco the official trace stage: COCO Captions 1, Localized
+                                      Narratives 2 (``pixel_llm_t5_trace.py``)
+  --config=configs/data.py:multitask  the official multi-task mixture with COCO Captions (3) and
+                                      ShareGPT4V instructions (5) added to ``pixelllm``
+  --config=configs/data.py:smoke_multitask   ``multitask`` at tiny sizes
+  --config=configs/data.py:ref_official      the official referring mixture: Flickr30k 1, mixed
+                                      COCO 5, mixed VG 1 (``pixel_llm_t5_ref.py``)
+  --config=configs/data.py:refseg_official   the official referring segmentation data: MDETR's
+                                      image-safe RefCOCO/+/g merge (``pixel_llm_t5_refseg.py``)
 
 Set ``--config.tokenizer`` (the language model's tokenizer file or folder) and
 ``--config.data_dir`` (the TFDS data folder the builders wrote); ``pipeline.from_config`` makes
@@ -37,13 +46,27 @@ refseg      16     40     40     ``pixel_llm_t5_refseg.py``
 densecap    32     8      40     ``pixel_llm_t5_densecap.py`` (S = its 32 text proposals)
 ==========  =====  =====  =====  ===================================================
 
-Differences from the official mixtures, which read data sets without builders here: COCO
-Captions (weight 3 in the official multi-task mixture) and LLaVA/ShareGPT4V are left out, and
+COCO Captions train on Karpathy's ``train + restval`` (``karpathy_train``) with one of the 13
+short-caption prompts (or "A photo of " alone when the text length is below 32 tokens,
+:func:`pixelllm.tasks.caption_training_prompts`), scale 0.75-1.25 and a random crop, and are
+evaluated on ``karpathy_val`` with "A photo of "; instruction data (ShareGPT4V's mix665k)
+trains each (question, answer) pair in a slot of its own (task ``question_answer``) at scale 1.
+
+Differences from the official mixtures: ``pixelllm``, ``trace`` and ``smoke`` leave out COCO
+Captions and ShareGPT4V (``trace_coco``, ``multitask`` and ``smoke_multitask`` have them);
+COCO Captions fill one slot per image with one of its captions (the official fills up to
+``max_boxes`` slots with all of them, 16 in the multi-task mixture); and
 the UNINEXT referring mixture (flickr 1, mixed_coco 5, mixed_vg 1) is replaced by the RefCOCO
 family's train splits (refcoco_unc 2, refcocoplus_unc 2, refcocog_umd 3, the same total 7).
 RefCOCOg's umd train images include some of RefCOCO's val/test images (why MDETR built its
 "coco_img_safe" merge): evaluate RefCOCO/+ on a model trained without refcocog_umd, or accept the
 overlap knowingly.
+
+``ref_official`` and ``refseg_official`` train on the official referring sources instead
+(builder ``referring_mixture``, :mod:`data_pipelines.builders.referring_mixture`): SeqTR's
+``uni_flickr`` 1, ``uni_mixed_coco`` 5 and ``uni_mixed_vg`` 1 for localization, and MDETR's
+``merge_coco_img_safe`` (RefCOCO/+/g train without any of their val/test images, with masks)
+for segmentation; both evaluate as ``ref`` / ``refseg`` do.
 """
 
 from __future__ import annotations
@@ -65,16 +88,22 @@ _SIZES = {
     "smoke": dataclasses.asdict(Sizes(canvas=32, slots=2, context_length=8, text_length=16,
                                       points_per_token=2, objects=4)),
 }
+_SIZES.update(trace_coco=_SIZES["trace"], multitask=_SIZES["pixelllm"],
+              smoke_multitask=_SIZES["smoke"])
+_SIZES.update(ref_official=_SIZES["ref"], refseg_official=_SIZES["refseg"])
 
 LN = "localized_narratives/coco"
 REFCOCO = "refer_coco/refcoco_unc"
 REFCOCO_PLUS = "refer_coco/refcocoplus_unc"
 REFCOCOG = "refer_coco/refcocog_umd"
 VG = "vg_densecap/densecap"
+COCO_CAPTIONS = "coco_captions_manual/coco"
+SHAREGPT4V = "llava_instructions/sharegpt4v_mix665k"
+REFERRING_MIXTURE = "referring_mixture"
 
 
 def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
-               alignment: str = "official") -> list[dict]:
+               alignment: str = "official", prompts: list[str] | None = None) -> list[dict]:
     """The op chain of a source: decode, the task prompt, ``augment``, slots, tokens.
 
     Args:
@@ -85,6 +114,7 @@ def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
       augment: ``"none"`` (resize onto the canvas), ``"crop"`` (scale 0.75-1.25 and a random
         crop), ``"flip_crop"`` (a flip swapping "left"/"right", then scale 0.1-2.0 and a crop).
       alignment: word-trace alignment of ``tokenize`` (``"official"`` or ``"exact"``).
+      prompts: training prompts replacing the task's (``task_prompt``), or ``None``.
     """
     tasks.get(task)  # an unknown name fails here, naming the known ones
     canvas = sizes["canvas"]
@@ -99,9 +129,12 @@ def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
                      "max_scale": 2.0}]
     else:
         raise ValueError(f"unknown augmentation {augment!r}; expected none, crop or flip_crop")
+    prompt_op = {"op": "task_prompt", "task": task, "train": train}
+    if prompts is not None:
+        prompt_op["prompts"] = list(prompts)
     return [
         {"op": "decode"},
-        {"op": "task_prompt", "task": task, "train": train},
+        prompt_op,
         *geometry,
         {"op": "slot", "task": task, "slots": sizes["slots"], "objects": sizes["objects"],
          "train": train},
@@ -113,13 +146,17 @@ def source_ops(*, task: str, train: bool, sizes: dict, augment: str,
 
 def _source(name: str, builder: str, split: str, task: str, *, sizes: dict, train: bool,
             augment: str, weight: float = 1.0) -> dict:
+    # COCO-style captions choose their training prompts by the text length (official).
+    prompts = (list(tasks.caption_training_prompts(sizes["text_length"]))
+               if task == "caption" and train else None)
     return {"name": name, "builder": builder, "split": split, "task": task, "weight": weight,
-            "ops": source_ops(task=task, train=train, sizes=sizes, augment=augment)}
+            "ops": source_ops(task=task, train=train, sizes=sizes, augment=augment,
+                              prompts=prompts)}
 
 
 def _train_sources(variant: str, sizes: dict) -> list[dict]:
-    def source(name, builder, task, augment, weight=1.0):
-        return _source(name, builder, "train", task, sizes=sizes, train=True, augment=augment,
+    def source(name, builder, task, augment, weight=1.0, split="train"):
+        return _source(name, builder, split, task, sizes=sizes, train=True, augment=augment,
                        weight=weight)
 
     trace = [source("ln_coco_trace", LN, "trace", "none")]
@@ -130,15 +167,31 @@ def _train_sources(variant: str, sizes: dict) -> list[dict]:
               source("refcocoplus_unc_seg", REFCOCO_PLUS, "refseg", "crop", 2.0),
               source("refcocog_umd_seg", REFCOCOG, "refseg", "crop", 3.0)]
     densecap = [source("vg_densecap", VG, "densecap", "flip_crop", 5.0)]
+    # Karpathy's train + restval, as the official (TFDS coco_captions "train+restval").
+    coco = [source("coco_captions", COCO_CAPTIONS, "caption", "crop", split="karpathy_train")]
+    multitask = [
+        *(dict(entry, weight=3.0) for entry in coco), *trace, *refer, *densecap,
+        source("sharegpt4v_mix665k", SHAREGPT4V, "question_answer", "none", 5.0)]
+    # pixel_llm_t5_ref.py: uni_flickr 1, uni_mixed_coco 5, uni_mixed_vg 1.
+    refer_official = [
+        source(name, f"{REFERRING_MIXTURE}/{name}", "refer", "crop", weight)
+        for name, weight in (("uni_flickr", 1.0), ("uni_mixed_coco", 5.0),
+                             ("uni_mixed_vg", 1.0))]
+    # pixel_llm_t5_refseg.py: merge_coco_img_safe alone, with masks.
+    refseg_official = [source("merge_coco_img_safe",
+                              f"{REFERRING_MIXTURE}/merge_coco_img_safe", "refseg", "crop")]
     return {"pixelllm": trace + refer + densecap, "smoke": trace + refer + densecap,
-            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap}[variant]
+            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap,
+            "trace_coco": coco + [dict(entry, weight=2.0) for entry in trace],
+            "multitask": multitask, "smoke_multitask": multitask,
+            "ref_official": refer_official, "refseg_official": refseg_official}[variant]
 
 
 def _eval_sources(variant: str, sizes: dict) -> list[dict]:
     """Evaluation sources, each with its own sizes and batch size: evaluation scores every
     expression and every described object, so a source gets as many slots as its images can
     ask for (``slot`` raises otherwise) and a batch size that keeps the slot masks in memory."""
-    smoke = variant == "smoke"
+    smoke = variant.startswith("smoke")
 
     def source(name, builder, split, task, slots, batch_size):
         source_sizes = {**sizes, "slots": sizes["slots"] if smoke else slots}
@@ -154,13 +207,20 @@ def _eval_sources(variant: str, sizes: dict) -> list[dict]:
     densecap = [source("vg_densecap_test", VG, "test", "densecap", 16, 32),
                 source("vg_loca_test", VG, "test", "loca", 256, 4),
                 source("refcocog_umd_loca_val", REFCOCOG, "val", "loca", 64, 16)]
+    # One slot: the image is captioned once and scored against all its references.
+    coco = [source("coco_captions_karpathy_val", COCO_CAPTIONS, "karpathy_val", "caption", 1,
+                   32)]
     return {"pixelllm": trace + refer + densecap, "smoke": trace + refer[:1] + densecap[:1],
-            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap}[variant]
+            "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap,
+            "trace_coco": coco + trace, "multitask": coco + trace + refer + densecap,
+            "smoke_multitask": coco + trace + refer[:1] + densecap[:1],
+            "ref_official": refer, "refseg_official": refseg}[variant]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "pixelllm"
-    variants = ("pixelllm", "trace", "ref", "refseg", "densecap", "smoke")
+    variants = ("pixelllm", "trace", "ref", "refseg", "densecap", "smoke", "trace_coco",
+                "multitask", "smoke_multitask", "ref_official", "refseg_official")
     if variant not in variants:
         raise ValueError(f"unknown data variant {variant!r}; choose from {variants}")
     sizes = _SIZES[variant]
@@ -171,12 +231,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sizes = dict(sizes)
     # Official batch sizes: 128 multi-task, 256 trace, 64 referring / densecap (global).
     config.batch_size = {"pixelllm": 128, "trace": 256, "ref": 64, "refseg": 64,
-                         "densecap": 64, "smoke": 4}[variant]
+                         "densecap": 64, "smoke": 4, "trace_coco": 256, "multitask": 128,
+                         "smoke_multitask": 4, "ref_official": 64,
+                         "refseg_official": 64}[variant]
     config.seed = 0
     config.skip_policy = "skip"
     # Bad records in a row that stop the pipeline (an unusable source would repeat forever).
     config.max_consecutive_skips = 1000
-    config.num_threads = 2 if variant == "smoke" else 16
+    config.num_threads = 2 if variant.startswith("smoke") else 16
     config.train = _train_sources(variant, sizes)
     config.eval = _eval_sources(variant, sizes)
     return config

@@ -276,7 +276,9 @@ def sources_from_config(entries: Sequence[Mapping[str, Any]], *, data_dir: str |
     # Imported here: only config-driven pipelines need TFDS and the builders (registration).
     import tensorflow_datasets as tfds
 
-    from data_pipelines.builders import localized_narratives, refcoco, visual_genome  # noqa: F401
+    from data_pipelines.builders import (coco_captions, llava_instructions,  # noqa: F401
+                                         localized_narratives, refcoco, referring_mixture,
+                                         visual_genome)
 
     if not data_dir:
         raise ValueError("the data config has no data_dir: set config.data_dir to the TFDS "

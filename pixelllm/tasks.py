@@ -18,6 +18,8 @@ refer      "where is {expression}"              expressions  box (+)            
 refseg     "where is {expression}"              expressions  box, mask (+)           refer_segment
 loca       "an object of "                      objects      text                    location_caption
 densecap   "an object of "                      ground_truth proposals, text (*)     dense_caption
+question_  "Question: {question}Answer: "       expressions  text                    caption
+answer     (instruction data: one slot per pair)
 =========  ===================================  ===========  ======================  ===========
 
 (+) As the official (scenic ``configs/t5/pixel_llm_t5_ref.py``: ``add_task_mask(['point'])``),
@@ -81,6 +83,14 @@ SHORT_CAPTION_PROMPTS = (
 
 REFER_PROMPT = "where is {expression}"
 OBJECT_PROMPT = "an object of "
+# The official VQA context (scenic ``context_prefix='Question: '``, ``context_suffix='Answer: '``
+# around the question): no space is added between the question and "Answer: ", since a model
+# trained on the official prompts saw exactly that string.
+QUESTION_PROMPT = "Question: {question}Answer: "
+# The official COCO caption source draws from the 13 short-caption prompts only when its text
+# may hold this many tokens or more; below, it trains on "A photo of " alone (scenic
+# ``get_coco_cap_train_source``: ``max_text_tokens < 32``).
+MIN_TEXT_LENGTH_FOR_CAPTION_PROMPTS = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,17 +130,18 @@ class Task:
         one."""
         return self.slot_filler != "narrative"
 
-    def prompt(self, *, train: bool, rng: np.random.Generator, expression: str = "") -> str:
+    def prompt(self, *, train: bool, rng: np.random.Generator, expression: str = "",
+               question: str = "") -> str:
         """The context text: a random training prompt (drawn with ``rng`` only when there is a
         choice, so single-prompt tasks leave the random stream alone) or the evaluation one,
-        with ``{expression}`` filled in."""
+        with ``{expression}`` and ``{question}`` filled in."""
         if not train:
             template = self.eval_prompt
         elif len(self.prompts) == 1:
             template = self.prompts[0]
         else:
             template = self.prompts[int(rng.integers(len(self.prompts)))]
-        return template.format(expression=expression)
+        return template.format(expression=expression, question=question)
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
@@ -149,6 +160,9 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task(name="densecap", prompts=(OBJECT_PROMPT,), eval_prompt=OBJECT_PROMPT,
          slot_filler="ground_truth", losses=frozenset({"proposals", "text"}),
          inference="dense_caption"),
+    # Official: instruction data trains the text only (add_task_mask(['caption'])).
+    Task(name="question_answer", prompts=(QUESTION_PROMPT,), eval_prompt=QUESTION_PROMPT,
+         slot_filler="expressions", losses=frozenset({"text"}), inference="caption"),
 )}
 
 
@@ -160,9 +174,15 @@ def get(name: str) -> Task:
 
 
 def question_prompt(question: str) -> str:
-    """``"Question: " + question + "Answer: "``: the VQA prompt of the caption task's inference,
-    the answer being the generated text. Exactly the official concatenation (scenic
-    ``context_prefix='Question: '``, ``context_suffix='Answer: '``): no space is added between
-    the question and "Answer: ", since a model trained on the official prompts saw exactly
-    that string."""
-    return "Question: " + question + "Answer: "
+    """``"Question: " + question + "Answer: "`` (:data:`QUESTION_PROMPT`): the VQA prompt of
+    the caption task's inference, the answer being the generated text."""
+    return QUESTION_PROMPT.format(question=question)
+
+
+def caption_training_prompts(text_length: int) -> tuple[str, ...]:
+    """The training prompts of COCO-style captions whose text holds ``text_length`` tokens:
+    the 13 short-caption prompts, or "A photo of " alone below
+    :data:`MIN_TEXT_LENGTH_FOR_CAPTION_PROMPTS` (as the official source chooses)."""
+    if text_length < MIN_TEXT_LENGTH_FOR_CAPTION_PROMPTS:
+        return ("A photo of ",)
+    return SHORT_CAPTION_PROMPTS

@@ -52,6 +52,7 @@ def test_rows():
         "refseg": ({"box", "mask"}, "expressions", "refer_segment"),
         "loca": ({"text"}, "objects", "location_caption"),
         "densecap": ({"text", "proposals"}, "ground_truth", "dense_caption"),
+        "question_answer": ({"text"}, "expressions", "caption"),
     }
     assert {name: (set(row.losses), row.slot_filler, row.inference)
             for name, row in tasks.TASKS.items()} == expected

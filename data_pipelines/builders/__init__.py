@@ -13,6 +13,13 @@ module                              builder name            configs
                                                             ``refcocoplus_unc``,
                                                             ``refcocog_google``, ``refcocog_umd``
 :mod:`.visual_genome`               ``vg_densecap``         ``densecap``, ``grit``
+:mod:`.coco_captions`               ``coco_captions_manual``  ``coco`` (2017 train/val and
+                                                            Karpathy's split, every caption)
+:mod:`.llava_instructions`          ``llava_instructions``  ``llava_v1_5_mix665k``,
+                                                            ``sharegpt4v_mix665k``
+:mod:`.referring_mixture`          ``referring_mixture``   ``uni_flickr``, ``uni_mixed_coco``,
+                                                            ``uni_mixed_vg`` (SeqTR files),
+                                                            ``merge_coco_img_safe`` (MDETR)
 ==================================  ======================  ===================================
 
 Conventions shared by all: coordinates normalized to the stored image, x first, boxes

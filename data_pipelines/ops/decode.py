@@ -15,7 +15,12 @@ and nest per-object and per-utterance fields the TFDS way (a ``Sequence`` comes 
   raw trace points in pixels, and the narrative as stored for word alignment;
 * RefCOCO / Visual Genome ``objects`` -> ``objects/box`` (pixels), ``objects/id``,
   ``objects/texts`` (RefCOCO expressions grouped per object, or the VG phrase) and, for
-  RefCOCO, ``objects/mask`` (bool, image size).
+  RefCOCO, ``objects/mask`` (bool, image size);
+* COCO Captions ``captions`` -> ``narratives``, one per caption, without utterances or trace
+  (a caption task reads only their ``caption``);
+* LLaVA-style ``turns`` -> one whole-image object whose ``objects/texts`` are the answers and
+  ``objects/questions`` the questions, so that each (question, answer) pair fills a slot of
+  its own and crops keep the pairs together.
 
 Other fields are dropped: later ops see only what they know how to transform.
 """
@@ -48,6 +53,14 @@ def decode() -> registry.Op:
                                                  height=height, name=name)
         if "objects" in example:
             out.update(_objects(example, width=width, height=height, name=name))
+        if "captions" in example:
+            out[fields.NARRATIVES] = [_caption_only(_text(text))
+                                      for text in example["captions"]["text"]]
+        if "turns" in example:
+            out[fields.OBJECT_BOXES] = np.asarray([[0, 0, width, height]], np.float32)
+            out[fields.OBJECT_IDS] = np.zeros((1,), np.int64)
+            out[fields.OBJECT_TEXTS] = [[_text(a) for a in example["turns"]["answer"]]]
+            out[fields.OBJECT_QUESTIONS] = [[_text(q) for q in example["turns"]["question"]]]
         return out
 
     return op
@@ -114,6 +127,21 @@ def _narratives(narratives: Mapping[str, Sequence], utterances: Mapping[str, Seq
             fields.ALIGNMENT_TRACES: stored,
         })
     return out
+
+
+def _caption_only(caption: str) -> dict:
+    """A narrative holding ``caption`` and no utterance or trace point."""
+    no_points = np.zeros((0, 2), np.float32)
+    empty = np.zeros((0,), bool)
+    stored = alignment.NarrativeTraces(
+        caption=caption, utterances=(), boxes=np.zeros((0, 4), np.float32),
+        points=np.zeros((0, 0, 2), np.float32), valid=empty,
+        start_times=np.zeros((0,), np.float64), end_times=np.zeros((0,), np.float64),
+        trace_xy=no_points, trace_t=np.zeros((0,), np.float64))
+    return {fields.CAPTION: caption, fields.UTTERANCE_TEXTS: [],
+            fields.UTTERANCE_BOXES: stored.boxes, fields.UTTERANCE_POINTS: stored.points,
+            fields.UTTERANCE_VALID: empty, fields.UTTERANCE_VISIBLE: empty,
+            fields.TRACE_POINTS: no_points, fields.ALIGNMENT_TRACES: stored}
 
 
 def _objects(example: Mapping[str, Any], *, width: int, height: int,

@@ -15,6 +15,8 @@ image, (x, y) from the top left, boxes xyxy (the project convention).
 ``objects/id``              int64 ``[N]``
 ``objects/texts``           N lists of str: an object's expressions (RefCOCO) or phrase (VG)
 ``objects/contexts``        N lists of str, parallel to ``objects/texts``: their task prompts
+``objects/questions``       N lists of str, parallel to ``objects/texts`` (instruction data:
+                            the question each text answers; fills a prompt's ``{question}``)
 ``narratives``              list of narrative dicts (Localized Narratives), each:
     ``caption``             str
     ``utterances/text``     U str
@@ -51,6 +53,7 @@ OBJECT_MASKS = "objects/mask"
 OBJECT_IDS = "objects/id"
 OBJECT_TEXTS = "objects/texts"
 OBJECT_CONTEXTS = "objects/contexts"
+OBJECT_QUESTIONS = "objects/questions"
 NARRATIVES = "narratives"
 CAPTION = "caption"
 UTTERANCE_TEXTS = "utterances/text"
