@@ -186,11 +186,11 @@ def as_config(config: DecoderConfig | Mapping[str, Any]) -> DecoderConfig:
 
 
 class DecoderLMOutput(NamedTuple):
-    """``logits``: float32 [B, L, V] (after the final soft-cap, if any); ``hidden``: [B, L, D]
-    after the final norm, in the compute dtype; ``cache``: the updated cache, or ``None``;
-    ``attention``: ``{layer: float32 [B, H, L, S]}`` post-softmax probabilities of the requested
-    layers over the ``S`` keys, or None."""
-    logits: jax.Array
+    """``logits``: float32 [B, L, V] (after the final soft-cap, if any; None when not asked
+    for); ``hidden``: [B, L, D] after the final norm, in the compute dtype; ``cache``: the updated
+    cache, or ``None``; ``attention``: ``{layer: float32 [B, H, L, S]}`` post-softmax
+    probabilities of the requested layers over the ``S`` keys, or None."""
+    logits: jax.Array | None
     hidden: jax.Array
     cache: dict | None
     attention: dict[int, jax.Array] | None = None
@@ -432,7 +432,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
 
     def __call__(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
                  positions: jax.Array, input_mask: jax.Array, cache: dict | None = None,
-                 attention_layers: Sequence[int] = ()) -> DecoderLMOutput:
+                 attention_layers: Sequence[int] = (), with_logits: bool = True
+                 ) -> DecoderLMOutput:
         """Runs the model over ``L`` new inputs.
 
         Args:
@@ -443,6 +444,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
           input_mask: bool [B, L], False on padding (valid tokens first when a cache is given).
           cache: from :meth:`init_cache` or a previous call; None attends within the inputs only.
           attention_layers: layers whose attention probabilities are returned.
+          with_logits: False leaves ``logits`` None (a caller that needs them for some
+            positions only projects those, :meth:`logits`).
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens and embeddings")
@@ -488,8 +491,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
                 if i in attention_layers:
                     attention[i] = probs
         hidden = self.final_norm(x)
-        return DecoderLMOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
-                               attention=attention or None)
+        return DecoderLMOutput(logits=self.logits(hidden) if with_logits else None,
+                               hidden=hidden, cache=new_cache, attention=attention or None)
 
     def _rope_inv_freq(self, layer_type: str) -> np.ndarray:
         """RoPE inverse frequencies ``[Dh / 2]`` of a layer type: Gemma 3's sliding layers use
@@ -556,11 +559,14 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         sequence = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
         mask = jnp.concatenate([prefix_mask.astype(bool), token_mask.astype(bool)], axis=1)
         out = self(embeddings=sequence, positions=valid_positions(mask), input_mask=mask,
-                   attention_layers=attention_layers)
+                   attention_layers=attention_layers, with_logits=False)
         start = prefix.shape[1]
         attention = None if out.attention is None else {
             layer: probs[:, :, start:] for layer, probs in out.attention.items()}
-        return TextOutput(out.logits[:, start:], out.hidden[:, start:], attention)
+        # Logits of the text positions only: the vocabulary projection of the prefix would be
+        # discarded (and XLA does not move the slice before the matmul).
+        hidden = out.hidden[:, start:]
+        return TextOutput(self.logits(hidden), hidden, attention)
 
     def prefill(self, *, prefix: jax.Array, prefix_mask: jax.Array, bos_id: int,
                 max_new_tokens: int) -> DecodeStart:
