@@ -8,6 +8,9 @@ r"""The paper's training stages, each a complete training config (``pixelllm.mai
   --config=configs/stages.py:multitask_refseg   referring segmentation, from SAM-H + multitask
   --config=configs/stages.py:trace_tiny         any stage + "_tiny": tiny model, smoke data,
                                                 batch 4, 4 steps (seconds on a CPU)
+  --config=configs/stages.py:trace_harness      trace at the official CPU harness's sizes
+                                                (224 canvas, 128-wide towers, text model trained)
+  --config=configs/stages.py:trace_harness_lora the same with the frozen text model + LoRA
 
 A stage is an experiment (``configs/experiments/experiment.py``: model + data, sizes tied) plus
 the training fields of the shared schema: ``seed``, ``train``, ``optimizer``
@@ -54,6 +57,20 @@ multitask start from the public SAM / EVA02 / LM files instead of the unreleased
 ``pixel_llm_t5_webli`` checkpoint; stages without dense-captioning data keep
 ``model.dense_captioning.num_text_proposals`` at most their slots (trace: 1). The data mixtures' own
 differences are listed in ``configs/data.py``.
+
+**The harness variant** (``trace_harness``, :func:`harness_config`) is the trace stage at the sizes
+of the official implementation's CPU timing harness (``shared/anchors/scenic``, its "tiny
+configuration"), so our train step and the official one can be timed side by side
+(``benchmarks/train_step.py``): 224 canvas, batch 8, 1 slot, 8 context / 128 text tokens; EVA02
+128 wide, 2 deep, 4 heads (patch 14: 16x16, SwiGLU 341, drop path 0.1); SAM 128 wide, 2 deep, 4
+heads, neck 64, window 14 with block 1 global (drop path 0.5, frozen); prompt encoder 64; prompt
+adapter depth 2, width 128 (8 heads, MLP 2048), 32 queries of width 128; a 2 x 128 text model
+(4 heads, FFN 512, vocabulary 30522, untied output layer); point head 2 points, 3 x 512. Like
+the official trace config it builds no mask adapter and no proposal head. The official harness
+trains a GIT/BERT decoder; the closest here is the decoder LM (Llama-style: pre-RMSNorm, RoPE,
+gated SiLU FFN, no dropout; BERT: post-LayerNorm, learned positions, GELU FFN, dropout 0.1),
+trained whole in ``trace_harness`` as the harness trains its decoder, frozen with rank-32 LoRA
+on q and v in ``trace_harness_lora``. Weights start random (nothing in ``config.init``).
 """
 
 from __future__ import annotations
@@ -62,6 +79,7 @@ import dataclasses
 
 import ml_collections
 
+from configs import decoder_lm as decoder_lm_config
 from configs.experiments import experiment
 
 # Public files (``load_pretrained``); replace with their paths on your machine.
@@ -98,13 +116,13 @@ class Stage:
 
 # Official checkpoint and evaluation intervals: 1000 and 2500 x iter_factor (densecap 5000).
 STAGES = {
-    "trace": Stage(data="trace", batch_size=256, steps=10_000, warmup_steps=250,
+    "trace": Stage(data="trace_coco", batch_size=256, steps=10_000, warmup_steps=250,
                    learning_rate=5e-5, frozen=("mask_adapter/", "proposal_head/"),
                    eva02_public=True),
-    "ref": Stage(data="ref", batch_size=64, steps=120_000, warmup_steps=1_000,
+    "ref": Stage(data="ref_official", batch_size=64, steps=120_000, warmup_steps=1_000,
                  learning_rate=5e-5, frozen=("mask_adapter/", "proposal_head/"),
                  init_from="trace", save_interval_steps=4_000, eval_every=10_000),
-    "refseg": Stage(data="refseg", batch_size=64, steps=60_000, warmup_steps=500,
+    "refseg": Stage(data="refseg_official", batch_size=64, steps=60_000, warmup_steps=500,
                     learning_rate=5e-5, lr_multipliers=(("mask_adapter/", 10.0),),
                     frozen=("eva02/", "prompt_adapter/", "lm/", "proposal_head/"),
                     init_from="ref", save_interval_steps=2_000, eval_every=5_000),
@@ -112,18 +130,31 @@ STAGES = {
                       learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8,
                       frozen=("mask_adapter/", "point_head/"), init_from="trace",
                       num_text_proposals=32, save_interval_steps=5_000, eval_every=5_000),
-    "multitask": Stage(data="pixelllm", batch_size=128, steps=240_000, warmup_steps=2_000,
+    "multitask": Stage(data="multitask", batch_size=128, steps=240_000, warmup_steps=2_000,
                        learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8,
                        frozen=("mask_adapter/",), eva02_public=True, num_text_proposals=16,
                        save_interval_steps=8_000, eval_every=20_000),
-    "multitask_refseg": Stage(data="refseg", batch_size=128, steps=30_000, warmup_steps=250,
-                              learning_rate=1e-4,
+    "multitask_refseg": Stage(data="refseg_official", batch_size=128, steps=30_000,
+                              warmup_steps=250, learning_rate=1e-4,
                               frozen=("eva02/", "prompt_adapter/", "lm/", "point_head/",
                                       "proposal_head/"),
                               init_from="multitask", num_text_proposals=16),
 }
 
 _TINY = "_tiny"
+# The official CPU harness's sizes (shared/anchors/scenic/README.md, "The tiny configuration").
+HARNESS = dict(canvas=224, batch_size=8, eva02=dict(embed_dim=128, depth=2, num_heads=4),
+               sam=dict(embed_dim=128, depth=2, num_heads=4, out_chans=64, window_size=14,
+                        global_attn_indexes=(1,)),
+               prompt_embed_dim=64,
+               prompt_adapter=dict(dim=128, depth=2, num_heads=8, mlp_dim=2048, num_queries=32,
+                                   visual_features=128),
+               text_model=dict(vocab_size=30522, hidden_size=128, intermediate_size=512,
+                               num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
+                               tie_word_embeddings=False, rope_theta=10_000.0, rope_scaling=None,
+                               max_position_embeddings=512),
+               point_head=dict(hidden_features=512, depth=3))
+HARNESS_VARIANTS = {"trace_harness": False, "trace_harness_lora": True}  # name -> LoRA
 
 
 def stage_config(name: str, *, tiny: bool) -> ml_collections.ConfigDict:
@@ -145,7 +176,7 @@ def stage_config(name: str, *, tiny: bool) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         batch_size=batch_size, steps=steps, accumulation_steps=1, log_every=1 if tiny else 50,
         max_nonfinite_in_a_row=10, eval_every=0 if tiny else stage.eval_every,
-        eval_only=False))
+        eval_only=False, eval_metrics=not tiny))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=stage.learning_rate,
         warmup_steps=1 if tiny else stage.warmup_steps,
@@ -178,8 +209,59 @@ def _init(stage: Stage, *, tiny: bool) -> dict[str, str]:
                 checkpoint=f"{WORKDIR_ROOT}/{stage.init_from}" if stage.init_from else "")
 
 
+def harness_config(*, lora: bool) -> ml_collections.ConfigDict:
+    """The trace stage at the official CPU harness's sizes (module docstring), locked. ``lora``:
+    the text model frozen with LoRA (ours); otherwise trained whole (the harness's decoder)."""
+    config = stage_config("trace", tiny=False)
+    config.unlock()
+    config.stage = "trace_harness" + ("_lora" if lora else "")
+    model, canvas = config.model, HARNESS["canvas"]
+    _set_canvas(config, canvas)
+    model.eva02.update(HARNESS["eva02"])
+    model.sam.image_encoder.update(HARNESS["sam"], pretrain_img_size=canvas)
+    model.sam.prompt_encoder.embed_dim = HARNESS["prompt_embed_dim"]
+    # SAM's mask decoder reads prompt-encoder tokens; nothing here runs it (no mask adapter).
+    model.sam.mask_decoder.update(transformer_dim=HARNESS["prompt_embed_dim"],
+                                  iou_head_hidden_dim=HARNESS["prompt_embed_dim"])
+    # Llama's switches (decoder_lm.py), the harness's sizes; official LoRA: rank 32, scale 2.
+    text_model = decoder_lm_config.get_config("llama3_2_1b").model.to_dict()
+    text_model.update(HARNESS["text_model"], frozen=lora,
+                      lora=dict(rank=32 if lora else 0, alpha=64.0 if lora else 1.0,
+                                targets=("q", "v")))
+    model.language_model = dict(kind="decoder", model=text_model)
+    model.prompt_adapter.update(HARNESS["prompt_adapter"])
+    model.point_head.update(HARNESS["point_head"])
+    # As the official trace config: no box decoder, no mask adapter (so nothing to freeze).
+    model.mask_adapter = None
+    model.proposal_head = None
+    config.frozen = ()
+    config.data.batch_size = config.train.batch_size = HARNESS["batch_size"]
+    config.data.tokenizer = None
+    config.init = ml_collections.ConfigDict(
+        dict(sam="", eva02="", language_model="", tokenizer="", checkpoint=""))
+    config.lock()
+    experiment.check(config)
+    return config
+
+
+def _set_canvas(config: ml_collections.ConfigDict, canvas: int) -> None:
+    """Every canvas size of the model and of the data config (sizes and op chains)."""
+    config.model.canvas_size = canvas
+    config.model.sam.image_encoder.img_size = canvas
+    config.model.eva02.img_size = canvas
+    config.data.sizes.canvas = canvas
+    for source in (*config.data.train, *config.data.eval):
+        if "sizes" in source:
+            source["sizes"]["canvas"] = canvas
+        for op in source["ops"]:
+            if "canvas" in op:
+                op["canvas"] = canvas
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name = arg or "multitask"
+    if name in HARNESS_VARIANTS:
+        return harness_config(lora=HARNESS_VARIANTS[name])
     tiny = name.endswith(_TINY)
     stage = name[:-len(_TINY)] if tiny else name
     if stage not in STAGES:

@@ -1,11 +1,13 @@
 """The training stages: every one builds, is locked, parses as optimizer settings, freezes what the
 official stage freezes, and keeps the official values."""
 
+import jax
 import numpy as np
 import pytest
 from configs import stages
 from flax import nnx
 
+from pixelllm import batch as batch_lib
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 from pixelllm.train import optimizer, trained_set
 
@@ -101,7 +103,14 @@ def test_official_values():
     np.testing.assert_allclose(
         optimizer.learning_rate_of(densecap, "eva02/blocks/3/attn/q/kernel", 20_000),
         1e-4 * 0.5 * (1 + np.cos(np.pi * 19_000 / 39_000)) * 0.8 ** 21, rtol=1e-6)
-    assert stages.get_config("trace").data.train[0]["task"] == "trace"
+    # The official mixtures: COCO captions 1 : Localized Narratives 2 (trace), the UNINEXT
+    # referring trio 1 : 5 : 1 (ref), instruction data at weight 5 (multitask).
+    assert {(source["task"], source["weight"])
+            for source in stages.get_config("trace").data.train} == {("caption", 1.0),
+                                                                      ("trace", 2.0)}
+    assert [source["weight"] for source in stages.get_config("ref").data.train] == [1.0, 5.0, 1.0]
+    assert ("question_answer", 5.0) in {(source["task"], source["weight"])
+                                        for source in stages.get_config("multitask").data.train}
     assert {source["task"] for source in stages.get_config("multitask_refseg").data.train} == {
         "refseg"}
 
@@ -121,3 +130,39 @@ def test_init_sources_chain_the_stages():
 def test_unknown_stage_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown stage 'tracee'.*'trace'"):
         stages.get_config("tracee")
+
+
+@pytest.mark.parametrize("name, lm_trained", [("trace_harness", 8_338_560),
+                                               ("trace_harness_lora", 32_768)])
+def test_harness_variant_has_the_official_harness_sizes(name, lm_trained):
+    """shared/anchors/scenic/README.md, "The tiny configuration": shapes through jax.eval_shape."""
+    config = stages.get_config(name)
+    assert config.stage == name and config.frozen == ()
+    assert (config.train.batch_size, config.data.sizes.canvas, config.data.sizes.slots,
+            config.data.sizes.context_length, config.data.sizes.text_length) == (8, 224, 1, 8, 128)
+    assert (config.model.mask_adapter, config.model.proposal_head) == (None, None)
+    model = nnx.eval_shape(lambda: PixelLLM.from_config(config.model, rngs=nnx.Rngs(0)))
+    counts = {module: (trained, frozen) for module, trained, frozen in trained_set.parameter_counts(
+        model, trained_set.trained_filter(model, config.frozen))}
+    # Equal to the official groups: EVA02 (git_backbone) and SAM's image encoder (sam_backbone).
+    assert counts["eva02"] == (506_408, 0)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model.sam.image_encoder, nnx.Param))) \
+        == 568_832
+    assert counts["lm"][0] == lm_trained and counts["sam"][0] == 0
+    lm = model.lm.config
+    assert (lm.vocab_size, lm.hidden_size, lm.num_layers, lm.num_heads, lm.intermediate_size,
+            lm.tie_word_embeddings) == (30522, 128, 2, 4, 512, False)
+
+    batch = {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in
+             batch_lib.batch_spec(batch_lib.Sizes(**config.data.sizes), 8).items()}
+
+    def forward(model, batch):
+        features = model.encode_image(batch["image"], batch["valid_wh"])
+        return features, model(batch).slots
+
+    features, slots = nnx.eval_shape(forward, model, batch)
+    assert features.sam.shape == (8, 14, 14, 64)            # SAM: patch 16, neck 64
+    assert features.fused.shape == (8, 16, 16, 192)         # EVA02 16x16x128 + SAM resized
+    assert slots.visual_tokens.shape == (8, 1, 32, 128)     # 32 adapter outputs of width 128
+    assert slots.logits.shape == (8, 1, 128, 30522)
+    assert slots.token_points.shape == (8, 1, 128, 2, 2)
