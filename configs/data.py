@@ -190,14 +190,18 @@ def _train_sources(variant: str, sizes: dict) -> list[dict]:
 def _eval_sources(variant: str, sizes: dict) -> list[dict]:
     """Evaluation sources, each with its own sizes and batch size: evaluation scores every
     expression and every described object, so a source gets as many slots as its images can
-    ask for (``slot`` raises otherwise) and a batch size that keeps the slot masks in memory."""
+    ask for (``slot`` raises otherwise) and a batch size that keeps the slot masks in memory.
+    Their chains record the image id and original size (``evaluation_metadata``)."""
     smoke = variant.startswith("smoke")
 
     def source(name, builder, split, task, slots, batch_size):
         source_sizes = {**sizes, "slots": sizes["slots"] if smoke else slots}
         entry = _source(name, builder, split, task, sizes=source_sizes, train=False,
                         augment="none")
-        return {**entry, "sizes": source_sizes, "batch_size": 4 if smoke else batch_size}
+        # The image id and original size, for the task metrics (after decode, op 0).
+        ops = [entry["ops"][0], {"op": "evaluation_metadata"}, *entry["ops"][1:]]
+        return {**entry, "ops": ops, "sizes": source_sizes,
+                "batch_size": 4 if smoke else batch_size}
 
     trace = [source("ln_coco_trace_val", LN, "validation", "trace", 16, 32)]
     refer = [source(f"refcoco_unc_{split}", REFCOCO, split, "refer", 64, 16)

@@ -4,15 +4,22 @@ contract (:mod:`pixelllm.batch`), sharded per host, seeded and resumable (grain)
 Per source, a grain ``MapDataset`` chain (all index-based, hence reproducible and cheap to
 resume)::
 
-    records -> this host's slice [process_index::process_count] -> shuffle(seed) -> repeat
-            -> random_map(source ops, seed)          (None for a skipped bad record)
+    records -> shuffle(seed) -> repeat -> random_map(source ops, seed)
+                                                    (None for a skipped bad record)
 
 then the sources are mixed by weight (grain's deterministic interleave: weights 1 and 2 give the
-pattern A B B A B B ...), read in threads, bad records left out, and batched. Each example
-carries its own task masks, so a batch may mix tasks (unlike the official one-source batches).
+pattern A B B A B B ...) into one stream, the same on every host; each host takes its rows of
+every global batch of that stream (:class:`_HostRows`), reads them in threads, leaves bad
+records out and batches them. Each example carries its own task masks, so a batch may mix tasks
+(unlike the official one-source batches).
 
-* **Seed.** Shuffles and per-example random generators derive from ``seed``, the source index and
-  (for augmentation) the host, so one seed gives one stream per host.
+* **Hosts.** Global batch ``k`` (host 0's rows, then host 1's, ..., the order in which the mesh
+  lays out the hosts' data) is elements ``k * B ... (k + 1) * B - 1`` of the stream, whatever the
+  number of hosts: a run on 1 or N hosts sees the same examples in the same rows, while no
+  record is skipped as bad (a skipped record shifts its host's later rows). Each host reads and
+  preprocesses only its own rows.
+* **Seed.** Shuffles and per-example random generators derive from ``seed`` and the source
+  index, so one seed gives one stream.
 * **Resuming.** The iterator's ``get_state()`` is a small JSON-serializable dict (the position in
   the mixed stream); ``set_state`` on an iterator of an identically built pipeline continues
   with exactly the batches that would have come next. Save it beside the model checkpoint
@@ -50,7 +57,7 @@ import numpy as np
 from data_pipelines import images
 from data_pipelines.ops import registry
 from data_pipelines.skips import SkipCounter
-from pixelllm.batch import Sizes, example_spec
+from pixelllm.batch import EVALUATION_SPEC, Sizes, example_spec
 
 Example = dict[str, Any]
 Batch = dict[str, np.ndarray]
@@ -68,12 +75,15 @@ _AUGMENT_STREAM = 1
 
 def check_example(example: Mapping[str, Any], spec: Mapping[str, tuple], *, where: str) -> None:
     """Raises ``ValueError`` naming ``where`` and the key unless ``example`` matches ``spec``
-    exactly (keys, shapes, dtypes)."""
-    if set(example) != set(spec):
-        missing, extra = sorted(set(spec) - set(example)), sorted(set(example) - set(spec))
+    exactly (keys, shapes, dtypes). Evaluation-only keys (:data:`pixelllm.batch.EVALUATION_SPEC`)
+    that ``spec`` leaves out may be present: batching drops them."""
+    missing = sorted(set(spec) - set(example))
+    extra = sorted(set(example) - set(spec) - set(EVALUATION_SPEC))
+    if missing or extra:
+        hint = ("evaluation_metadata right after decode?" if set(missing) & set(EVALUATION_SPEC)
+                else "slot and tokenize?")
         raise ValueError(f"{where}: example keys differ from the batch contract: missing "
-                         f"{missing}, unexpected {extra} (do the ops end with slot and "
-                         "tokenize?)")
+                         f"{missing}, unexpected {extra} (do the ops have {hint})")
     for key, (shape, dtype) in spec.items():
         value = example[key]
         if np.shape(value) != shape or np.asarray(value).dtype != dtype:
@@ -179,12 +189,42 @@ def _derive_seed(seed: int, *key: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0])
 
 
+class _HostRows(grain.MapDataset):
+    """One host's rows of every global batch of ``parent`` (the mixed stream, identical on every
+    host): element ``n`` is the stream's element ``(n // b) * b * count + index * b + n % b``
+    for ``b`` rows per host, so the hosts' batches ``k`` together hold the stream's elements
+    ``k * b * count ... (k + 1) * b * count - 1``, in order."""
+
+    def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._offset = process_index * batch_size
+        self._global_batch = batch_size * process_count
+        full, rest = divmod(len(parent), self._global_batch)
+        self._length = full * batch_size + min(batch_size, max(0, rest - self._offset))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._batch_size)
+        return self._parent[batch * self._global_batch + self._offset + row]
+
+    def __str__(self) -> str:
+        return (f"_HostRows(rows {self._offset}:{self._offset + self._batch_size} of "
+                f"{self._global_batch})")
+
+
 class InputPipeline:
     """Batches of the model contract from a weighted mixture of sources.
 
     Args:
       sources: the sources to mix.
-      batch_size: examples per batch on this host.
+      batch_size: examples per batch on this host (the global batch is ``batch_size *
+        process_count``).
       sizes: the contract sizes; every example is checked against them.
       seed: makes the stream reproducible (shuffles and augmentation).
       shuffle: shuffle each source (per epoch, reshuffled every epoch).
@@ -192,13 +232,16 @@ class InputPipeline:
         finite sources stops when the first one runs out.
       drop_remainder: drop a last partial batch instead of filling it with empty examples.
       process_index, process_count: this host and the number of hosts; default
-        ``jax.process_index()`` / ``jax.process_count()``. Host i reads records
-        ``i, i + count, ...`` of every source.
+        ``jax.process_index()`` / ``jax.process_count()``. Host i reads rows
+        ``i * batch_size ... (i + 1) * batch_size - 1`` of every global batch (see the module
+        docstring).
       skip_policy: ``"skip"`` or ``"fail"`` for bad records (see the module docstring).
       max_consecutive_skips: records skipped in a row that raise
         :class:`ConsecutiveSkipsError` (see the module docstring).
       num_threads: reading/preprocessing threads.
       prefetch: examples prepared ahead; default two batches.
+      evaluation_keys: batches also carry the evaluation-only keys
+        (:data:`pixelllm.batch.EVALUATION_SPEC`), which the ops must then make.
     """
 
     def __init__(self, sources: Sequence[Source], *, batch_size: int, sizes: Sizes, seed: int,
@@ -206,7 +249,7 @@ class InputPipeline:
                  drop_remainder: bool = True, process_index: int | None = None,
                  process_count: int | None = None, skip_policy: str = "skip",
                  max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, num_threads: int = 2,
-                 prefetch: int | None = None):
+                 prefetch: int | None = None, evaluation_keys: bool = False):
         if not sources:
             raise ValueError("InputPipeline needs at least one source")
         if batch_size < 1:
@@ -219,28 +262,30 @@ class InputPipeline:
         self.batch_size = batch_size
         self.skips = SkipCounter(policy=skip_policy, logger_name=__name__)
         skips = _Skips(self.skips, max_consecutive=max_consecutive_skips)
-        spec = example_spec(sizes)
+        spec = self._spec = example_spec(sizes, evaluation=evaluation_keys)
         datasets = []
         for index, source in enumerate(sources):
             if source.weight <= 0:
                 raise ValueError(f"source {source.name}: weight {source.weight} must be > 0")
             records = grain.MapDataset.source(
                 _CountingRecords(source.records, name=source.name, skips=skips))
-            records = records[process_index::process_count]
-            if len(records) == 0:
-                raise ValueError(f"source {source.name}: {len(source.records)} records leave "
-                                 f"none for host {process_index} of {process_count}")
             if shuffle:
                 records = records.shuffle(_derive_seed(seed, _SHUFFLE_STREAM, index))
             records = records.repeat(num_epochs)
             datasets.append(records.random_map(
                 _Preprocess(source, spec=spec, skips=skips),
-                seed=_derive_seed(seed, _AUGMENT_STREAM, index, process_index)))
+                seed=_derive_seed(seed, _AUGMENT_STREAM, index)))
         mixed = (datasets[0] if len(datasets) == 1 else
                  grain.MapDataset.mix(datasets, [source.weight for source in sources]))
+        rows = _HostRows(mixed, batch_size=batch_size, process_index=process_index,
+                         process_count=process_count)
+        if len(rows) == 0:
+            raise ValueError(f"sources {[source.name for source in sources]}: "
+                             f"{len(mixed)} examples leave none for host {process_index} of "
+                             f"{process_count} at {batch_size} per host")
         read_options = grain.ReadOptions(num_threads=num_threads,
                                          prefetch_buffer_size=prefetch or 2 * batch_size)
-        self.dataset = mixed.to_iter_dataset(read_options).batch(
+        self.dataset = rows.to_iter_dataset(read_options).batch(
             batch_size, drop_remainder=drop_remainder, batch_fn=self._stack)
 
     def __iter__(self) -> grain.DatasetIterator:
@@ -248,10 +293,9 @@ class InputPipeline:
         return iter(self.dataset)
 
     def _stack(self, examples: Sequence[Example]) -> Batch:
-        spec = example_spec(self.sizes)
         return {key: np.stack([example[key] for example in examples]
                               + [np.zeros(shape, dtype)] * (self.batch_size - len(examples)))
-                for key, (shape, dtype) in spec.items()}
+                for key, (shape, dtype) in self._spec.items()}
 
 
 def with_tokenizer(ops: Sequence[Mapping[str, Any]], tokenizer: str | None) -> list[dict]:
@@ -310,9 +354,12 @@ def from_config(config: Any, *, process_index: int | None = None,
 
 
 def eval_from_config(config: Any, *, process_index: int | None = None,
-                     process_count: int | None = None) -> dict[str, InputPipeline]:
+                     process_count: int | None = None,
+                     evaluation_keys: bool = False) -> dict[str, InputPipeline]:
     """One pipeline per ``eval`` source of a data config, with the source's own ``sizes`` and
-    ``batch_size``: one pass, in order, the last batch filled with empty examples."""
+    ``batch_size``: one pass, in order, the last batch filled with empty examples;
+    ``evaluation_keys`` adds the evaluation-only keys (the task metrics need them, the
+    objective does not)."""
     process_index, process_count = _hosts(process_index, process_count)
     sources = sources_from_config(config.eval, data_dir=config.data_dir,
                                   tokenizer=config.tokenizer)
@@ -322,7 +369,7 @@ def eval_from_config(config: Any, *, process_index: int | None = None,
                 process_index=process_index, process_count=process_count,
                 skip_policy=config.skip_policy,
                 max_consecutive_skips=config.max_consecutive_skips,
-                num_threads=config.num_threads)
+                num_threads=config.num_threads, evaluation_keys=evaluation_keys)
             for entry, source in zip(config.eval, sources, strict=True)}
 
 

@@ -36,6 +36,19 @@ gt_text_mask        bool [B, G, L]
 
 Every example carries its own loss masks, so one batch can mix tasks.
 
+Evaluation-only keys (:data:`EVALUATION_SPEC`): evaluation pipelines built with
+``evaluation_keys=True`` (``data_pipelines.pipeline.eval_from_config``) add them, recorded at
+decode time by the ``evaluation_metadata`` op; they stay on the host (the evaluation driver,
+``pixelllm/train/evaluation.py``, maps canvas predictions and ground truth back to original-image
+pixels with them) and are never part of a training batch:
+
+==================  =======================  =================================================
+image_id            int64 [B]                the record's ``image/id``: its integer value, or
+                                             a 63-bit hash of a non-numeric id; 0 on padding
+original_wh         int32 [B, 2]             (width, height) of the stored image before any
+                                             resize; 0 on padding examples
+==================  =======================  =================================================
+
 Checks: :func:`validate` (keys, dtype kinds, ranks, agreeing sizes; shapes and dtypes only, so
 it also runs on tracers), :func:`check_token_ids` (values: every id inside the vocabulary) and
 :class:`BatchChecker`, both at the train-step boundary on host arrays.
@@ -70,6 +83,8 @@ GT_BOXES = "gt_boxes"
 GT_MASK = "gt_mask"
 GT_TEXT_TOKENS = "gt_text_tokens"
 GT_TEXT_MASK = "gt_text_mask"
+IMAGE_ID = "image_id"
+ORIGINAL_WH = "original_wh"
 
 # The loss masks of the contract, by the loss names of the task table (pixelllm/tasks.py).
 LOSS_MASKS = {"text": TASK_TEXT, "points": TASK_POINTS, "box": TASK_BOX, "mask": TASK_MASK,
@@ -112,6 +127,12 @@ SPEC: dict[str, Field] = {
     GT_TEXT_MASK: Field(_BOOL, ("B", "G", "L")),
 }
 
+# Evaluation-only keys (module docstring): host-side metadata, never validated by the train step.
+EVALUATION_SPEC: dict[str, Field] = {
+    IMAGE_ID: Field(np.dtype(np.int64), ("B",)),
+    ORIGINAL_WH: Field(_I32, ("B", "2")),
+}
+
 # The per-slot keys ([B, S, ...]): what a model may rebuild per slot (dense captioning).
 SLOT_KEYS = tuple(key for key, field in SPEC.items() if field.axes[:2] == ("B", "S"))
 
@@ -146,10 +167,13 @@ def _shape(axes: tuple[str, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
     return tuple(int(axis) if axis.isdigit() else sizes[axis] for axis in axes)
 
 
-def example_spec(sizes: Sizes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``key -> (shape, dtype)`` of one example (a batch without its leading B axis)."""
+def example_spec(sizes: Sizes, *, evaluation: bool = False
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``key -> (shape, dtype)`` of one example (a batch without its leading B axis); with
+    ``evaluation``, the evaluation-only keys (:data:`EVALUATION_SPEC`) too."""
     named = sizes.axes()
-    return {key: (_shape(field.axes[1:], named), field.dtype) for key, field in SPEC.items()}
+    fields = {**SPEC, **EVALUATION_SPEC} if evaluation else SPEC
+    return {key: (_shape(field.axes[1:], named), field.dtype) for key, field in fields.items()}
 
 
 def batch_spec(sizes: Sizes, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

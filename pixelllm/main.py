@@ -37,6 +37,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
                                       flag_values=FLAGS)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in a multi-host run.", flag_values=FLAGS)
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", None,
+    "Seconds jax.distributed waits for every process to join (default: JAX's).",
+    flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
@@ -64,6 +68,12 @@ def distributed_init_args(*, coordinator_address: str | None, num_processes: int
     return None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses this module's flags, then absl's own (``--v``, ``--logtostderr``, ...) from what is
+    left: ``app.run`` requires the global registry parsed, and it rejects unknown flags."""
+    return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -72,9 +82,11 @@ def main(argv: list[str]) -> None:
                                       num_processes=_NUM_PROCESSES.value,
                                       process_id=_PROCESS_ID.value, environ=os.environ)
     if init_args is not None:
+        if _INITIALIZATION_TIMEOUT.value is not None:
+            init_args["initialization_timeout"] = _INITIALIZATION_TIMEOUT.value
         jax.distributed.initialize(**init_args)
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=FLAGS)
+    app.run(main, flags_parser=parse_flags)

@@ -5,6 +5,7 @@ Importing this package registers every op:
 
 ======================  ==================================================================
 ``decode``              builder example -> working example (:mod:`.decode`, :mod:`.fields`)
+``evaluation_metadata`` the image id and original size, for evaluation (after ``decode``)
 ``task_prompt``         the task prompts as text (the rows of :mod:`pixelllm.tasks`)
 ``horizontal_flip``     random mirror, "left"/"right" swapped or sided texts not flipped
 ``random_scale_crop``   scale jitter + random crop onto the canvas (training)
@@ -17,8 +18,9 @@ A typical chain: ``decode|task_prompt(...)|horizontal_flip(...)|random_scale_cro
 slot(...)|tokenize(...)``.
 """
 
-from data_pipelines.ops import (decode, horizontal_flip, random_scale_crop, registry,
-                                resize_and_pad, slot, task_prompt, tokenize)
+from data_pipelines.ops import (decode, evaluation_metadata, horizontal_flip,
+                                random_scale_crop, registry, resize_and_pad, slot, task_prompt,
+                                tokenize)
 
-__all__ = ["decode", "horizontal_flip", "random_scale_crop", "registry", "resize_and_pad",
-           "slot", "task_prompt", "tokenize"]
+__all__ = ["decode", "evaluation_metadata", "horizontal_flip", "random_scale_crop", "registry",
+           "resize_and_pad", "slot", "task_prompt", "tokenize"]

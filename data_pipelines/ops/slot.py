@@ -86,6 +86,8 @@ def slot(*, task: str, slots: int, objects: int, train: bool = True) -> registry
             SLOT_TRACE: [None] * slots,
             GT_TEXT: [""] * objects,
         }
+        # Evaluation metadata (the evaluation_metadata op) rides along to the batch.
+        out.update({key: example[key] for key in batch.EVALUATION_SPEC if key in example})
         fill(example, out, task=row, train=train, rng=rng)
         used = out[batch.SLOT_MASK].astype(np.float32)
         for loss, key in batch.LOSS_MASKS.items():

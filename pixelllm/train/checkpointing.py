@@ -81,11 +81,14 @@ class Checkpointer:
       keep_period: also keep every step that is a multiple of K forever; ``None`` for none.
       async_save: write in a background thread (Orbax's default); ``False`` blocks in
         :meth:`save` until the step is committed.
+      read_only: only restore: nothing in ``directory`` is created, deleted or cleaned up (a
+        trainer may be writing there, its temporary folders included), and :meth:`save`
+        raises. The keep and interval settings are then unused.
     """
 
     def __init__(self, directory: epath.PathLike, *, save_interval_steps: int = 1,
                  max_to_keep: int | None = None, keep_period: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         for name, value in (("max_to_keep", max_to_keep), ("keep_period", keep_period)):
@@ -105,6 +108,10 @@ class Checkpointer:
             # keeps the directory from filling with them over many preemptions.
             cleanup_tmp_directories=True,
         )
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   save_interval_steps=0, max_to_keep=None)
+        self._read_only = read_only
         self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
 
     @property
@@ -136,6 +143,8 @@ class Checkpointer:
         Returns whether a checkpoint was started (False off the interval or when ``step`` is
         already saved).
         """
+        if self._read_only:
+            raise ValueError(f"{self.directory}: this checkpointer is read-only")
         reserved = sorted(set(state) & set(_RESERVED))
         if reserved:
             raise ValueError(f"state names {reserved} are reserved for the checkpoint's own items")

@@ -24,13 +24,17 @@ where the checkpoint left it.
 {name: float}``, called every ``config.train.eval_every`` steps (0: never) with the current
 model; its scalars are logged as ``eval/<evaluator>/<name>``. Without any, the default computes
 the training objective on the data config's evaluation sources
-(:class:`~pixelllm.train.eval_loss.EvalLoss`). ``config.train.eval_only`` runs the evaluators
-once on the latest checkpoint (or the initialized model when there is none) and trains nothing.
+(:class:`~pixelllm.train.eval_loss.EvalLoss`), and with ``config.train.eval_metrics`` also the
+paper's task metrics (:class:`~pixelllm.train.evaluation.TaskMetrics`, logged as
+``eval/metrics/<source>/<key>``, JSON in ``eval/<step>/``). ``config.train.eval_only`` runs the
+evaluators once on the latest checkpoint (or the initialized model when there is none) and
+trains nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -38,11 +42,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
+from orbax.checkpoint import multihost
 
 from data_pipelines import pipeline as pipeline_lib
 from pixelllm import sharding
@@ -53,6 +59,7 @@ from pixelllm.train import initialize, optimizer, trained_set
 from pixelllm.train import train_step as train_step_lib
 from pixelllm.train.checkpointing import Checkpointer, PreemptionGuard
 from pixelllm.train.eval_loss import EvalLoss
+from pixelllm.train.evaluation import TaskMetrics
 from pixelllm.train.metrics_writer import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,9 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[nnx.Module, int], Mapping[str, float]]
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+# How long processes wait for each other after building the model (reading public files may
+# take minutes longer on some hosts).
+MODEL_BUILT_TIMEOUT_SECONDS = 3600
 
 
 def build_mesh(shape: tuple[int, ...]) -> Mesh:
@@ -86,7 +96,11 @@ class _Run:
     step_fn: train_step_lib.StepFn
 
 
-def _build(config: Any) -> _Run:
+def build_model(config: Any) -> tuple[PixelLLM, Mesh, sharding.Rules]:
+    """``(model, mesh, rules)``: the run's model as every start builds it, on
+    ``config.mesh_shape``'s mesh, seeded with ``config.seed`` and initialized from
+    ``config.init`` (the only source of frozen parameters: checkpoints hold the trained ones),
+    the data's tokenizer checked against its vocabulary."""
     mesh = build_mesh(config.mesh_shape)
     rules = sharding.rules_from_config(config.sharding.rules)
     model = PixelLLM.from_config(config.model, rngs=nnx.Rngs(config.seed), mesh=mesh,
@@ -96,6 +110,11 @@ def _build(config: Any) -> _Run:
     if config.data.tokenizer:
         check_vocabulary(load_tokenizer(config.data.tokenizer), model.lm.vocab_size,
                          model_source="config.model.language_model.model.vocab_size")
+    return model, mesh, rules
+
+
+def _build(config: Any) -> _Run:
+    model, mesh, rules = build_model(config)
     trained = trained_set.trained_filter(model, tuple(config.frozen))
     log.info("parameters per module:\n%s",
              trained_set.format_counts(trained_set.parameter_counts(model, trained)))
@@ -113,6 +132,11 @@ def _build(config: Any) -> _Run:
         # The optimizer clips (settings.grad_clip_norm): clipping twice would change nothing
         # but cost a pass over the gradient.
         clip_norm=None, seed=config.seed)
+    # Processes finish building the model at different times; the first collective (placing
+    # the state on the mesh) would set up CPU collectives (gloo), which wait only 30 s for
+    # the other processes. They meet first at a barrier of JAX's coordination service.
+    multihost.get_barrier_sync_fn()(key="pixelllm_model_built",
+                                    timeout_ms=MODEL_BUILT_TIMEOUT_SECONDS * 1000)
     return _Run(mesh=mesh, rules=rules, graphdef=graphdef,
                 frozen=train_step_lib.place(frozen, mesh, rules),
                 state=train_step_lib.place(state, mesh, rules), settings=settings,
@@ -142,6 +166,42 @@ def _restore(run: _Run, checkpointer: Checkpointer, *, data_iterator: Any) -> No
         step=counters["step"], params=items["params"], opt_state=items["opt_state"],
         nonfinite_in_a_row=counters["nonfinite_in_a_row"], skipped=counters["skipped"])
     log.info("resumed at step %d from %s", restored.step, restored.directory)
+
+
+def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to ``<workdir>/config.json`` (JSON lists stand for the
+    config's tuples). Raises ``FileNotFoundError`` naming the file when ``workdir`` holds no
+    run."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; {workdir} is not a training run's "
+                                "work dir")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a valid config: {error}") from error
+
+
+def load_trained_model(workdir: epath.PathLike) -> tuple[ml_collections.ConfigDict, PixelLLM,
+                                                         int]:
+    """``(config, model, step)``: the run in ``workdir`` at its latest complete checkpoint,
+    built by :func:`build_model` from its ``config.json``, trained parameters restored. Reads
+    only: nothing in the work dir is created or removed, so a running trainer is left alone.
+    Raises ``FileNotFoundError`` naming the checkpoints folder when it holds no complete
+    checkpoint."""
+    config = read_config(workdir)
+    directory = epath.Path(workdir) / CHECKPOINTS
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such folder; the run saved no checkpoint")
+    model, mesh, rules = build_model(config)
+    trained = trained_set.trained_filter(model, tuple(config.frozen))
+    params = train_step_lib.place(nnx.state(model, trained), mesh, rules)
+    with Checkpointer(directory, read_only=True) as checkpointer:
+        restored = checkpointer.restore_latest({"params": _abstract(params)})
+    if restored is None:
+        raise FileNotFoundError(f"{directory}: holds no complete checkpoint")
+    nnx.update(model, restored.state["params"])
+    return config, model, restored.step
 
 
 def _evaluate(run: _Run, evaluators: Mapping[str, Evaluator], step: int) -> dict[str, float]:
@@ -187,7 +247,8 @@ def train(config: Any, workdir: epath.PathLike, *,
         ``configs/stages.py`` and the README's Training section).
       workdir: the run's folder; an existing run there is resumed.
       evaluators: ``{name: (model, step) -> {scalar name: value}}``; ``None`` uses
-        :class:`~pixelllm.train.eval_loss.EvalLoss` on the data config's evaluation sources.
+        :class:`~pixelllm.train.eval_loss.EvalLoss` on the data config's evaluation sources,
+        plus :class:`~pixelllm.train.evaluation.TaskMetrics` when ``config.train.eval_metrics``.
 
     Returns the step the run stopped at: ``config.train.steps``, or earlier after SIGTERM.
 
@@ -203,6 +264,9 @@ def train(config: Any, workdir: epath.PathLike, *,
         evaluators = {"loss": EvalLoss(
             lambda: pipeline_lib.eval_from_config(config.data), mesh=run.mesh,
             rules=run.rules, loss_weights=config.loss)}
+        if config.train.get("eval_metrics", False):
+            evaluators["metrics"] = TaskMetrics.from_config(config, mesh=run.mesh,
+                                                            rules=run.rules, workdir=workdir)
     keep_period = config.checkpoint.keep_period or None
     checkpointer = Checkpointer(workdir / CHECKPOINTS,
                                 save_interval_steps=config.checkpoint.save_interval_steps,

@@ -156,14 +156,14 @@ def test_trace_and_densecap_values(tokenizer_path):
 
 
 def _training_pipeline(tokenizer_path, *, seed=0, process_index=0, process_count=1,
-                       weights=(1.0, 3.0), size=8):
+                       weights=(1.0, 3.0), size=8, batch_size=4):
     sources = [
         Source("refer", [_refer_record(i) for i in range(size)],
                _ops("refer", tokenizer_path, train=True, augment="crop"), weights[0]),
         Source("vg", [_vg_record(100 + i) for i in range(size)],
                _ops("densecap", tokenizer_path, train=True, augment="flip_crop"), weights[1]),
     ]
-    return InputPipeline(sources, batch_size=4, sizes=SIZES, seed=seed,
+    return InputPipeline(sources, batch_size=batch_size, sizes=SIZES, seed=seed,
                          process_index=process_index, process_count=process_count)
 
 
@@ -202,6 +202,17 @@ def test_resuming_from_saved_state_gives_the_same_next_batches(tokenizer_path):
     _assert_same_batches(_batches(resumed, 3), expected)
 
 
+def test_one_host_and_two_hosts_give_the_same_global_batches(tokenizer_path):
+    """Global batch k (host 0's rows, then host 1's) holds the same examples, shuffled and
+    augmented alike, whatever the number of hosts."""
+    one = _batches(iter(_training_pipeline(tokenizer_path, batch_size=4)), 3)
+    hosts = [_batches(iter(_training_pipeline(tokenizer_path, batch_size=2, process_index=index,
+                                              process_count=2)), 3) for index in range(2)]
+    joined = [{key: np.concatenate([hosts[0][k][key], hosts[1][k][key]]) for key in batch}
+              for k, batch in enumerate(one)]
+    _assert_same_batches(joined, one)
+
+
 def test_hosts_read_disjoint_records_that_cover_the_data(tokenizer_path):
     records = [_refer_record(i) for i in range(7)]
 
@@ -213,10 +224,13 @@ def test_hosts_read_disjoint_records_that_cover_the_data(tokenizer_path):
         return [i for batch in p for i in _image_ids(batch) if i >= 0]
 
     first, second = host(0), host(1)
-    assert sorted(first) == [0, 2, 4, 6] and sorted(second) == [1, 3, 5]
+    # Global batches of 4: rows 0-1 on host 0, rows 2-3 on host 1; the last holds 3 records.
+    assert (len(first), len(second)) == (4, 3)
+    assert sorted(first + second) == list(range(7))
     with pytest.raises(ValueError, match="leave none for host 2"):
         InputPipeline([Source("refer", records[:2], _ops("refer", tokenizer_path))],
-                      batch_size=1, sizes=SIZES, seed=0, process_index=2, process_count=3)
+                      batch_size=1, sizes=SIZES, seed=0, num_epochs=1, process_index=2,
+                      process_count=3)
 
 
 class _Flaky:
