@@ -18,6 +18,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from pixelllm.nn import abstract
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with :variant.",
                                           lock_config=True)
 _DEPTH = flags.DEFINE_integer("depth", 2, "Path components per row.")
@@ -27,7 +29,7 @@ def build_abstract(config: ml_collections.ConfigDict) -> nnx.Module:
     """The model named by ``config.model_class`` ("module.path.Class"), built abstractly."""
     module_name, class_name = config.model_class.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
-    return nnx.eval_shape(lambda: cls.from_config(config.model, rngs=nnx.Rngs(0)))
+    return abstract.build_abstract(lambda rngs: cls.from_config(config.model, rngs=rngs))
 
 
 def param_rows(model: nnx.Module, depth: int) -> list[tuple[str, int, int]]:

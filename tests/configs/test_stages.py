@@ -9,6 +9,7 @@ from flax import nnx
 
 from pixelllm import batch as batch_lib
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
+from pixelllm.nn import abstract
 from pixelllm.train import optimizer, trained_set
 
 NAMES = [name + suffix for name in stages.STAGES for suffix in ("", "_tiny")]
@@ -18,7 +19,7 @@ NAMES = [name + suffix for name in stages.STAGES for suffix in ("", "_tiny")]
 def tiny_model():
     # Shapes only: the patterns and counts need no values.
     config = stages.get_config("trace_tiny").model
-    return nnx.eval_shape(lambda: PixelLLM.from_config(config, rngs=nnx.Rngs(0)))
+    return abstract.build_abstract(lambda rngs: PixelLLM.from_config(config, rngs=rngs))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -141,7 +142,7 @@ def test_harness_variant_has_the_official_harness_sizes(name, lm_trained):
     assert (config.train.batch_size, config.data.sizes.canvas, config.data.sizes.slots,
             config.data.sizes.context_length, config.data.sizes.text_length) == (8, 224, 1, 8, 128)
     assert (config.model.mask_adapter, config.model.proposal_head) == (None, None)
-    model = nnx.eval_shape(lambda: PixelLLM.from_config(config.model, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: PixelLLM.from_config(config.model, rngs=rngs))
     counts = {module: (trained, frozen) for module, trained, frozen in trained_set.parameter_counts(
         model, trained_set.trained_filter(model, config.frozen))}
     # Equal to the official groups: EVA02 (git_backbone) and SAM's image encoder (sam_backbone).

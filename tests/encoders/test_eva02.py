@@ -18,6 +18,7 @@ from configs import eva02 as eva02_config
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.encoders.eva02 import Eva02, load, rope_table
+from pixelllm.nn import abstract
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4 * 2 / 3)
 
@@ -159,8 +160,8 @@ def test_eva02_param_count_matches_timm(variant, timm_name, count):
         reference = timm.create_model(timm_name, pretrained=False, num_classes=0)
     timm_count = sum(p.numel() for p in reference.parameters())
     config = eva02_config.get_config(variant).model
-    abstract = nnx.eval_shape(lambda: Eva02(**config, rngs=nnx.Rngs(0)))
-    got = sharding.param_count(nnx.state(abstract, nnx.Param))
+    model = abstract.build_abstract(lambda rngs: Eva02(**config, rngs=rngs))
+    got = sharding.param_count(nnx.state(model, nnx.Param))
     assert got == timm_count
     if count is not None:
         assert got == count

@@ -14,6 +14,7 @@ from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError, assign, param_shapes
 from pixelllm.encoders.sam.mask_decoder import (
     SamMaskDecoder, conv_transpose_kernel_from_torch, key_rules)
+from pixelllm.nn import abstract
 
 DIM, HEADS, MLP, IOU_HIDDEN, H, W, PROMPTS, TOKENS = 32, 4, 64, 24, 5, 6, 3, 4
 
@@ -49,13 +50,13 @@ def _jax(state_dict, *, layout: str, **overrides) -> SamMaskDecoder:
                   transformer_mlp_dim=MLP, attention_downsample_rate=2, num_multimask_outputs=3,
                   iou_head_depth=3, iou_head_hidden_dim=IOU_HIDDEN, layer_norm_eps=1e-5)
     kwargs.update(overrides)
-    model = nnx.eval_shape(lambda: SamMaskDecoder(**kwargs, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: SamMaskDecoder(**kwargs, rngs=rngs))
     return key_map.load(model, state_dict,
                         key_rules(layout, iou_head_depth=kwargs["iou_head_depth"]), source="test")
 
 
 def _random(config: dict) -> SamMaskDecoder:
-    model = nnx.eval_shape(lambda: SamMaskDecoder(**config, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: SamMaskDecoder(**config, rngs=rngs))
     rng = np.random.default_rng(0)
     return assign(model, {k: rng.standard_normal(s) for k, s in param_shapes(model).items()},
                   source="random")
@@ -149,7 +150,7 @@ def test_sam_mask_decoder_conv_transpose_orientation_matches_torch():
 
 def test_sam_mask_decoder_full_size_parameter_count():
     config = sam_config.get_config("vit_h").model.mask_decoder
-    model = nnx.eval_shape(lambda: SamMaskDecoder(**config, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: SamMaskDecoder(**config, rngs=rngs))
     shapes = param_shapes(model)
     assert sum(int(np.prod(s)) for s in shapes.values()) == 4_058_340
     assert shapes["upscale_conv1/kernel"] == (2, 2, 256, 64)

@@ -13,6 +13,7 @@ from configs import sam as sam_config
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.encoders.sam import sam
+from pixelllm.nn import abstract
 
 TINY = sam_config.get_config("tiny").model
 
@@ -132,12 +133,12 @@ def test_sam_parity_with_transformers_through_a_saved_folder(tmp_path):
 
 def test_sam_vit_h_parameter_counts():
     config = sam_config.get_config("vit_h")
-    model = nnx.eval_shape(lambda: sam.Sam.from_config(config.model, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: sam.Sam.from_config(config.model, rngs=rngs))
     assert sharding.param_count(nnx.state(model)) == 641_090_864
     assert sharding.param_count(nnx.state(model.image_encoder)) == 637_026_048
     # PixelLLM's 384 input changes no parameter shape.
     config.model.image_encoder.img_size = 384
-    model = nnx.eval_shape(lambda: sam.Sam.from_config(config.model, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: sam.Sam.from_config(config.model, rngs=rngs))
     assert sharding.param_count(nnx.state(model)) == 641_090_864
 
 
@@ -157,7 +158,7 @@ def test_sam_wrong_files_are_named(tmp_path):
 
     stray = {k: v.numpy() for k, v in _torch_sam().state_dict().items()} | {
         "extra_head.weight": np.zeros(1)}
-    model = nnx.eval_shape(lambda: sam.Sam.from_config(TINY, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: sam.Sam.from_config(TINY, rngs=rngs))
     with pytest.raises(CheckpointMismatchError,
                        match=r"stray.pth: .*\n  1 unexpected keys: extra_head\.weight$"):
         sam.load(model, stray, source="stray.pth")
@@ -167,7 +168,7 @@ def test_sam_file_of_a_released_size_is_named():
     # Only the shapes the message reads: the width of pos_embed and the number of blocks.
     vit_b = {"image_encoder.pos_embed": np.zeros((1, 1, 1, 768), np.float32)} | {
         f"image_encoder.blocks.{i}.norm1.weight": np.zeros(768, np.float32) for i in range(12)}
-    model = nnx.eval_shape(lambda: sam.Sam.from_config(TINY, rngs=nnx.Rngs(0)))
+    model = abstract.build_abstract(lambda rngs: sam.Sam.from_config(TINY, rngs=rngs))
     with pytest.raises(CheckpointMismatchError, match=r"vit_b.pth: .*this looks like vit_b "
                                                       r"\(embed_dim 768, depth 12\); the model is"):
         sam.load(model, vit_b, source="vit_b.pth")

@@ -15,6 +15,7 @@ from configs import pixelllm as pixelllm_config
 from flax import nnx
 
 from pixelllm.models.pixel_llm.proposal_head import ProposalHead
+from pixelllm.nn import abstract
 from pixelllm.tools import param_table
 
 REPO = Path(__file__).resolve().parents[3]
@@ -82,7 +83,7 @@ def _light_proposal_head(fused):
 @pytest.fixture(scope="module")
 def abstract_model():
     """Full-size abstract models (``nnx.eval_shape``), built once per variant: tracing the
-    3B-parameter t5_xl model takes about a minute."""
+    3B-parameter t5_xl model takes a few seconds (pixelllm.nn.abstract)."""
     built = {}
 
     def get(variant):
@@ -110,9 +111,9 @@ def test_full_size_parameter_table(variant, lm_width, lm_frozen, lm_lora, abstra
 
 def test_light_proposal_head_switch_at_the_paper_sizes():
     config = pixelllm_config.get_config("t5_xl")
-    light = nnx.eval_shape(lambda: ProposalHead(
+    light = abstract.build_abstract(lambda rngs: ProposalHead(
         in_features=1280, canvas_size=384, **config.model.proposal_head.light.to_dict(),
-        rngs=nnx.Rngs(0)))
+        rngs=rngs))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(light, nnx.Param))) == (
         _light_proposal_head(1280))
 

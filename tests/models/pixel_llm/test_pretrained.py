@@ -25,6 +25,7 @@ from pixelllm.encoders.sam import sam
 from pixelllm.language import decoder, t5
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 from pixelllm.models.pixel_llm.pretrained import load_pretrained
+from pixelllm.nn import abstract
 
 
 def _randomized(module, seed):
@@ -146,11 +147,11 @@ def _parts(**parts):
 
 
 def _abstract_sam(config):
-    return nnx.eval_shape(lambda: sam.Sam(**config.sam.to_dict(), rngs=nnx.Rngs(0)))
+    return abstract.build_abstract(lambda rngs: sam.Sam(**config.sam.to_dict(), rngs=rngs))
 
 
 def _abstract_eva02(config):
-    return nnx.eval_shape(lambda: eva02.Eva02(**config.eva02.to_dict(), rngs=nnx.Rngs(0)))
+    return abstract.build_abstract(lambda rngs: eva02.Eva02(**config.eva02.to_dict(), rngs=rngs))
 
 
 def test_sam_file_with_a_misshaped_key_is_named(tmp_path):
