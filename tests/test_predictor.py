@@ -29,6 +29,10 @@ from pixelllm.models.pixel_llm import inference
 from pixelllm.train import trained_set, trainer
 from pixelllm.train.checkpointing import Checkpointer
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_predictor")
+
 CAPTIONS = ["a dog on the grass", "the cat on the right", "a red car on the left",
             "where is the dog", "an object of a red car"]
 MAX_NEW_TOKENS = 4

@@ -28,6 +28,10 @@ from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 from pixelllm.train import evaluation
 from pixelllm.train.evaluation import EvalSource, TaskMetrics, canvas_masks_to_original
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_evaluation")
+
 CANVAS, SLOTS, CONTEXT, TEXT, POINTS, OBJECTS, VOCAB, EOS = 32, 2, 4, 6, 2, 3, 128, 1
 REFCOCO_VAL = EvalSource(task="refer", builder="refer_coco/refcoco_unc", split="val")
 

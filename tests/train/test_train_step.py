@@ -21,6 +21,10 @@ from pixelllm.nn.lora import FrozenParam
 from pixelllm.train import train_step as train_lib
 from tests.models.pixel_llm.conftest import synthetic_batch
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_train_step")
+
 BATCH = 8
 TASKS = ("trace", "refseg", "densecap", "refer")
 # The step's noise: T5 dropout is on in the tiny config (SAM/EVA02 drop path are 0 there).

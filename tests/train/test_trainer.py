@@ -27,6 +27,10 @@ from configs import stages
 from pixelllm.train import trainer
 from pixelllm.train.metrics_writer import read_metrics
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_trainer")
+
 STEPS = 4
 CAPTIONS = ["a dog on the grass", "the cat on the right", "a red car on the left",
             "where is the dog", "an object of a red car", "the dog on the left"]

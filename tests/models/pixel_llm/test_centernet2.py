@@ -10,6 +10,10 @@ from flax import nnx
 from pixelllm.models.pixel_llm import centernet2 as cn2
 from pixelllm.nn import abstract, box_ops
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_centernet2")
+
 # The official module (scenic FpnCenterNet2 at the T5 densecap config: fused 27x27x1280, FPN 256,
 # ViTDet in_dim left at 768 so the transposed conv has 384 channels, roi_num_classes 1,
 # roi_fc_dims (1024, 1024), roi_conv_dims ()), counted by hand from its layer list; the same

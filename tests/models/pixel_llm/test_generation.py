@@ -13,6 +13,10 @@ from flax import nnx
 from pixelllm.models.pixel_llm import generation
 from pixelllm.models.pixel_llm.pixel_llm import ImageFeatures, SlotOutputs
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_generation")
+
 STEPS = 6
 BOS, PAD = 0, 0
 

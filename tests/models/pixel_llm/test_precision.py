@@ -8,6 +8,10 @@ from flax import nnx
 
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
+# Module fixtures compile the tiny model: all of this module runs on one xdist worker
+# (launch/test.sh uses --dist loadgroup), so they are built once.
+pytestmark = pytest.mark.xdist_group("test_precision")
+
 # bf16 rounds at 2^-9 relative; through the tiny encoders, adapter, T5 and heads the outputs
 # stay within a few percent of their scale (measured: logits ~1.2%, points ~0.4%).
 BF16_TOLERANCE = 0.05
