@@ -51,7 +51,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -61,7 +60,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, UNASSIGNED,
                                             SkipPolicyBuilder, image_fields, is_int,
-                                            read_image_of_size)
+                                            json_list, load_json, read_image_of_size)
 from data_pipelines.images import ImageError, encode_for_storage
 from data_pipelines.skips import SkipCounter
 
@@ -113,9 +112,9 @@ def read_coco2017(path: str, *, image_dir: str, skips: SkipCounter) -> list[Capt
       ValueError: the file is not JSON or lacks the ``images`` / ``annotations`` lists (names
         the file).
     """
-    content = _load_json(path)
-    images = _json_list(content, "images", path)
-    annotations = _json_list(content, "annotations", path)
+    content = load_json(path)
+    images = json_list(content, path, key="images")
+    annotations = json_list(content, path, key="annotations")
     captions: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
     for index, annotation in enumerate(annotations):
         image_id = annotation.get("image_id") if isinstance(annotation, Mapping) else None
@@ -157,7 +156,7 @@ def read_karpathy(path: str, *, manual_dir: str, skips: SkipCounter
     Raises:
       ValueError: the file is not JSON or lacks the ``images`` list (names the file).
     """
-    images = _json_list(_load_json(path), "images", path)
+    images = json_list(load_json(path), path, key="images")
     entries: dict[str, list[CaptionedImage]] = {split: [] for split in
                                                 dict.fromkeys(KARPATHY_SPLITS.values())}
     for index, image in enumerate(images):
@@ -330,21 +329,6 @@ def _example(entry: CaptionedImage, *, manual_dir: str, skips: SkipCounter) -> d
                        filename=os.path.relpath(path, manual_dir), height=height, width=width),
         "captions": [{"text": text, "id": caption_id} for caption_id, text in captions],
     }
-
-
-def _load_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise ValueError(f"{path}: not valid JSON: {error}") from error
-
-
-def _json_list(content: Any, key: str, path: str) -> list:
-    value = content.get(key) if isinstance(content, dict) else None
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list field {key!r}")
-    return value
 
 
 _CITATION = """\

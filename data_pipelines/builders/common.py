@@ -17,6 +17,7 @@ the same across builders live here, so that a change reaches all of them:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -259,3 +260,22 @@ def is_finite_number(value: Any) -> bool:
     """Whether ``value`` is a finite ``int`` or ``float`` (not a ``bool``, NaN or infinity)."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value))
+
+
+def load_json(path: str) -> Any:
+    """The JSON file at ``path``; a malformed file raises ``ValueError`` naming it."""
+    with open(path, "rb") as f:
+        try:
+            return json.load(f)
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from error
+
+
+def json_list(content: Any, path: str, *, key: str | None = None) -> list:
+    """``content[key]`` (``content`` itself for ``key`` None), which must be a list; else a
+    ``ValueError`` naming ``path`` and the field."""
+    value = content if key is None else (content.get(key) if isinstance(content, dict) else None)
+    if not isinstance(value, list):
+        where = f"field {key!r}" if key else "the top level"
+        raise ValueError(f"{path}: expected a list at {where}")
+    return value

@@ -87,7 +87,8 @@ from pycocotools import mask as coco_mask
 
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, UNASSIGNED,
                                             SkipPolicyBuilder, UnusableRecordError, image_fields,
-                                            is_finite_number, is_int, read_image_of_size)
+                                            is_finite_number, is_int, json_list,
+                                            read_image_of_size)
 from pixelllm.checkpoints.restricted_pickle import load_data_pickle
 from data_pipelines.skips import SkipCounter
 
@@ -177,9 +178,9 @@ def read_refer_toolkit(manual_dir: str, *, dataset: str, split_by: str) -> Refer
         raise ValueError(f"{refs_file}: expected a list of refs, got {type(refs).__name__}")
     with open(annotations_file, "rb") as f:
         instances = json.load(f)
-    annotations = _index_by_id(_json_list(instances, "annotations", annotations_file),
+    annotations = _index_by_id(json_list(instances, annotations_file, key="annotations"),
                                file=annotations_file, what="annotations")
-    images = _index_by_id(_json_list(instances, "images", annotations_file),
+    images = _index_by_id(json_list(instances, annotations_file, key="images"),
                           file=annotations_file, what="images")
     return ReferData(refs=refs, annotations=annotations, images=images, refs_file=refs_file,
                      annotations_file=annotations_file,
@@ -199,7 +200,7 @@ def read_tfds_json(manual_dir: str, *, dataset: str, split_by: str) -> ReferData
     path = os.path.join(manual_dir, _TFDS_JSON)
     with open(path, "rb") as f:
         content = json.load(f)
-    all_refs = _json_list(content, "ref", path)
+    all_refs = json_list(content, path, key="ref")
     coco_anns = content.get("coco_anns") if isinstance(content, dict) else None
     if not isinstance(coco_anns, dict):
         raise ValueError(f"{path}: expected an object field 'coco_anns'")
@@ -547,13 +548,6 @@ def _image_size(image: Mapping[str, Any]) -> tuple[int, int]:
         raise BadReferRecordError(BAD_FIELD, f"image {image.get('id')!r}: height {height!r}, "
                                   f"width {width!r} are not positive integers")
     return height, width
-
-
-def _json_list(content: Any, key: str, path: str) -> list:
-    value = content.get(key) if isinstance(content, dict) else None
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list field {key!r}")
-    return value
 
 
 def _index_by_id(records: list, *, file: str, what: str) -> dict[int, Mapping[str, Any]]:

@@ -74,7 +74,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -86,7 +85,7 @@ from PIL import Image
 
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, SkipPolicyBuilder,
                                             UnusableRecordError, image_fields, is_int,
-                                            read_image_of_size)
+                                            json_list, load_json, read_image_of_size)
 from data_pipelines.builders.refcoco import (BAD_FIELD, BAD_SEGMENTATION, DEGENERATE_BOX,
                                              EMPTY_SENTENCE, normalized_box, render_mask)
 from data_pipelines.skips import SkipCounter
@@ -207,7 +206,7 @@ def read_seqtr(path: str, *, data_source: str) -> dict[str, list[SeqtrRecord]]:
     Raises:
       ValueError: the file is not JSON or not an object of lists (names the file and key).
     """
-    content = _load_json(path)
+    content = load_json(path)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected an object mapping split names to record lists")
     splits = {}
@@ -292,11 +291,11 @@ def mdetr_images(path: str, *, skips: SkipCounter) -> list[ReferredImage]:
     Raises:
       ValueError: the file is not JSON or lacks the ``images`` / ``annotations`` lists.
     """
-    content = _load_json(path)
-    entries = _json_list(content, "images", path)
+    content = load_json(path)
+    entries = json_list(content, path, key="images")
     annotations_by_entry: dict[int, list[Mapping]] = collections.defaultdict(list)
     listed = {entry.get("id") for entry in entries if isinstance(entry, Mapping)}
-    for position, annotation in enumerate(_json_list(content, "annotations", path)):
+    for position, annotation in enumerate(json_list(content, path, key="annotations")):
         entry_id = annotation.get("image_id") if isinstance(annotation, Mapping) else None
         if not (is_int(entry_id) and is_int(annotation.get("id"))):
             skips.bad(BAD_FIELD, file=path, record=f"annotations[{position}]",
@@ -571,21 +570,6 @@ def _category(record: Mapping[str, Any]) -> int:
     if not is_int(category):
         raise UnusableRecordError(BAD_FIELD, f"category_id {category!r} is not an integer")
     return category
-
-
-def _load_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise ValueError(f"{path}: not valid JSON: {error}") from error
-
-
-def _json_list(content: Any, key: str, path: str) -> list:
-    value = content.get(key) if isinstance(content, dict) else None
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list field {key!r}")
-    return value
 
 
 _CITATION = """\

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -74,7 +73,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, UNASSIGNED,
                                             SkipPolicyBuilder, UnusableRecordError, image_fields,
-                                            is_finite_number, is_int, read_image_of_size)
+                                            is_finite_number, is_int, json_list,
+                                            load_json, read_image_of_size)
 from data_pipelines.skips import SkipCounter
 
 # Reasons a region or image is skipped (the SkipCounter categories), with those of
@@ -324,7 +324,7 @@ def _read_densecap(manual_dir: str, unassigned: SkipCounter) -> dict[str, list[I
     regions_file = os.path.join(manual_dir, "region_descriptions.json")
     sizes_file = os.path.join(manual_dir, "image_data.json")
     splits_file = os.path.join(manual_dir, "densecap_splits.json")
-    splits = _load_json(splits_file)
+    splits = load_json(splits_file)
     if not isinstance(splits, dict):
         raise ValueError(f"{splits_file}: expected an object of split name -> image ids")
     split_of: dict[int, str] = {}
@@ -339,7 +339,7 @@ def _read_densecap(manual_dir: str, unassigned: SkipCounter) -> dict[str, list[I
             split_of[image_id] = split
 
     sizes = {}
-    for record in _json_list(_load_json(sizes_file), sizes_file):
+    for record in json_list(load_json(sizes_file), sizes_file):
         image_id = _first_int(record, ("image_id", "id"))
         height = record.get("height") if isinstance(record, Mapping) else None
         width = record.get("width") if isinstance(record, Mapping) else None
@@ -351,7 +351,7 @@ def _read_densecap(manual_dir: str, unassigned: SkipCounter) -> dict[str, list[I
         sizes[image_id] = (height, width)
 
     regions_by_image: dict[int, list] = {}
-    for index, record in enumerate(_json_list(_load_json(regions_file), regions_file)):
+    for index, record in enumerate(json_list(load_json(regions_file), regions_file)):
         image_id = _first_int(record, ("id", "image_id"))
         regions = record.get("regions") if isinstance(record, Mapping) else None
         if image_id is None or not isinstance(regions, list):
@@ -375,10 +375,9 @@ def _read_grit(annotations: Mapping[str, str], unassigned: SkipCounter
     """Split -> its images, from the annotation file of each split in ``annotations``."""
     entries = {}
     for split, path in annotations.items():
-        content = _load_json(path)
-        images = _json_list(content.get("images") if isinstance(content, dict) else None,
-                            path, key="images")
-        annotations = _json_list(content.get("annotations"), path, key="annotations")
+        content = load_json(path)
+        images = json_list(content, path, key="images")
+        annotations = json_list(content, path, key="annotations")
         regions_by_image: dict[int, list] = collections.defaultdict(list)
         for index, annotation in enumerate(annotations):
             image_id = annotation.get("image_id") if isinstance(annotation, Mapping) else None
@@ -406,21 +405,6 @@ def _read_grit(annotations: Mapping[str, str], unassigned: SkipCounter
                            detail=f"{len(regions)} annotation(s) of an image not in 'images'")
         entries[split] = split_entries
     return entries
-
-
-def _load_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise ValueError(f"{path}: not valid JSON: {error}") from error
-
-
-def _json_list(value: Any, path: str, *, key: str | None = None) -> list:
-    if not isinstance(value, list):
-        where = f"field {key!r}" if key else "the top level"
-        raise ValueError(f"{path}: expected a list at {where}")
-    return value
 
 
 def _first_int(record: Any, keys: Sequence[str]) -> int | None:
