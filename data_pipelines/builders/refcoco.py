@@ -518,7 +518,7 @@ class ReferCoco(SkipPolicyBuilder):
             **image_fields(encoded=encoded, image_id=str(image_id), filename=filename,
                            height=height, width=width),
             "objects": [{"id": obj.ann_id, "ref_id": obj.ref_id, "box": obj.box,
-                         "category": obj.category, "mask": _mask_png(obj.mask)}
+                         "category": obj.category, "mask": mask_png(obj.mask)}
                         for obj in objects],
             "expressions": [{"object": index, "text": sentence.sent.strip(),
                              "raw": sentence.raw, "sent": sentence.sent,
@@ -528,7 +528,7 @@ class ReferCoco(SkipPolicyBuilder):
         }
 
 
-def _mask_png(mask: np.ndarray) -> bytes:
+def mask_png(mask: np.ndarray) -> bytes:
     """``[H, W]`` 0/1 -> single-channel PNG of 0/255 (TFDS encodes arrays only with TF)."""
     buffer = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")

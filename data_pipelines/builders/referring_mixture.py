@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -81,13 +80,13 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from data_pipelines.builders.common import (CORRUPT_IMAGE, SIZE_MISMATCH, SkipPolicyBuilder,
                                             UnusableRecordError, image_fields, is_int,
                                             json_list, load_json, read_image_of_size)
 from data_pipelines.builders.refcoco import (BAD_FIELD, BAD_SEGMENTATION, DEGENERATE_BOX,
-                                             EMPTY_SENTENCE, normalized_box, render_mask)
+                                             EMPTY_SENTENCE, mask_png, normalized_box,
+                                             render_mask)
 from data_pipelines.skips import SkipCounter
 
 # Reasons a record, expression or image is skipped (the SkipCounter categories), with those of
@@ -522,7 +521,7 @@ class ReferringMixture(SkipPolicyBuilder):
             row = {"id": obj.object_id, "ref_id": obj.object_id, "box": obj.box,
                    "category": obj.category}
             if self.builder_config.masks:
-                row["mask"] = _mask_png(masks[index])
+                row["mask"] = mask_png(masks[index])
             object_rows.append(row)
         return {
             **image_fields(encoded=encoded, image_id=str(image.image_id), filename=relative,
@@ -541,13 +540,6 @@ def _image_candidates(image_id: int, config: ReferringMixtureConfig) -> tuple[st
     if not config.image_dirs:
         return (os.path.join("train2014", f"COCO_train2014_{image_id:012d}.jpg"),)
     return tuple(os.path.join(folder, f"{image_id}.jpg") for folder in config.image_dirs)
-
-
-def _mask_png(mask: np.ndarray) -> bytes:
-    """``[H, W]`` 0/1 -> single-channel PNG of 0/255, as the RefCOCO builder stores masks."""
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _int_field(record: Mapping[str, Any], key: str) -> int:

@@ -10,11 +10,11 @@ Items are PTB-tokenized and scored with METEOR 1.5 (corpus), CIDEr-D, BLEU-1..4 
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 
 from pixelllm.evaluators.caption_metrics import MeteorProcess, caption_metrics
+from pixelllm.evaluators.results_file import write_results
 
 
 class CaptioningEvaluator:
@@ -76,7 +76,4 @@ class CaptioningEvaluator:
 
     def write_json(self, path: str | pathlib.Path) -> None:
         """Writes ``{"split", "metrics"}`` to ``path`` (parent folders created)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"split": self.split, "metrics": self.result()},
-                                   indent=2) + "\n")
+        write_results(path, {"split": self.split, "metrics": self.result()})

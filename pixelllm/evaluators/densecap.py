@@ -56,13 +56,13 @@ Choices where the sources differ or are silent (the official port is followed fo
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from pixelllm.evaluators.caption_metrics import PairScorer
+from pixelllm.evaluators.results_file import write_results
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 METEOR_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
@@ -284,7 +284,5 @@ class DenseCapEvaluator:
     def write_json(self, path: str | pathlib.Path) -> None:
         """Writes ``{"max_detections_per_image", "metrics"}`` to ``path`` (parent folders
         created)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"max_detections_per_image": self.max_detections_per_image,
-                                    "metrics": self.result()}, indent=2) + "\n")
+        write_results(path, {"max_detections_per_image": self.max_detections_per_image,
+                             "metrics": self.result()})

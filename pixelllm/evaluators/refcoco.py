@@ -37,11 +37,12 @@ inverted box has area 0 (the official's negative area also gives IoU 0: its inte
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from pixelllm.evaluators.results_file import write_results
 
 IOU_THRESHOLD = 0.5
 BOX_IOU_EPSILON = 1e-6  # scenic box_utils.box_iou: intersection / (union + 1e-6)
@@ -248,8 +249,6 @@ class RefCocoEvaluator:
     def write_json(self, path: str | pathlib.Path) -> None:
         """Writes ``{"split", "max_expressions_per_image" (null = all), "metrics"}`` to
         ``path`` (parent folders created)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"split": self.split,
-                                    "max_expressions_per_image": self.max_expressions_per_image,
-                                    "metrics": self.result()}, indent=2) + "\n")
+        write_results(path, {"split": self.split,
+                             "max_expressions_per_image": self.max_expressions_per_image,
+                             "metrics": self.result()})

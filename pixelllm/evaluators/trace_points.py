@@ -26,11 +26,12 @@ a target, all images). Distances are fractions of the image side.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from pixelllm.evaluators.results_file import write_results
 
 TOKEN_COUNT_EPSILON = 1e-8  # official: error = sum / (valid_token_mask.sum() + 1e-8)
 
@@ -113,7 +114,4 @@ class TracePointEvaluator:
 
     def write_json(self, path: str | pathlib.Path) -> None:
         """Writes ``{"split", "metrics"}`` to ``path`` (parent folders created)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"split": self.split, "metrics": self.result()},
-                                   indent=2) + "\n")
+        write_results(path, {"split": self.split, "metrics": self.result()})

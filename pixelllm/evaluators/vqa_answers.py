@@ -25,10 +25,11 @@ Keys of :meth:`VqaAnswerEvaluator.result`: ``exact_match`` (fraction), ``num_ite
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from collections.abc import Sequence
+
+from pixelllm.evaluators.results_file import write_results
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -158,7 +159,4 @@ class VqaAnswerEvaluator:
 
     def write_json(self, path: str | pathlib.Path) -> None:
         """Writes ``{"split", "metrics"}`` to ``path`` (parent folders created)."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"split": self.split, "metrics": self.result()},
-                                   indent=2) + "\n")
+        write_results(path, {"split": self.split, "metrics": self.result()})
