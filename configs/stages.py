@@ -6,7 +6,8 @@ r"""The paper's training stages, each a complete training config (``pixelllm.mai
   --config=configs/stages.py:densecap           dense captioning, from trace
   --config=configs/stages.py:multitask          trace + referring + dense captioning
   --config=configs/stages.py:multitask_refseg   referring segmentation, from SAM-H + multitask
-  --config=configs/stages.py:trace_tiny         any stage + "_tiny": tiny model, smoke data,
+  --config=configs/stages.py:trace_tiny         any stage + "_tiny": tiny model, smoke data
+                                                (multitask: smoke_multitask, all its sources),
                                                 batch 4, 4 steps (seconds on a CPU)
   --config=configs/stages.py:trace_harness      trace at the official CPU harness's sizes
                                                 (224 canvas, 128-wide towers, text model trained)
@@ -96,6 +97,8 @@ class Stage:
     """One official stage's values (see the module docstring's table)."""
 
     data: str
+    # The data variant of the stage's "_tiny" config: the smoke-sized mixture of its sources.
+    tiny_data: str = "smoke"
     batch_size: int
     steps: int
     warmup_steps: int
@@ -130,8 +133,9 @@ STAGES = {
                       learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8,
                       frozen=("mask_adapter/", "point_head/"), init_from="trace",
                       num_text_proposals=32, save_interval_steps=5_000, eval_every=5_000),
-    "multitask": Stage(data="multitask", batch_size=128, steps=240_000, warmup_steps=2_000,
-                       learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8,
+    "multitask": Stage(data="multitask", tiny_data="smoke_multitask", batch_size=128,
+                       steps=240_000, warmup_steps=2_000, learning_rate=1e-4,
+                       weight_decay=0.05, layer_decay=0.8,
                        frozen=("mask_adapter/",), eva02_public=True, num_text_proposals=16,
                        save_interval_steps=8_000, eval_every=20_000),
     "multitask_refseg": Stage(data="refseg_official", batch_size=128, steps=30_000,
@@ -161,7 +165,7 @@ def stage_config(name: str, *, tiny: bool) -> ml_collections.ConfigDict:
     """The training config of stage ``name`` (a key of :data:`STAGES`), locked."""
     stage = STAGES[name]
     config = experiment.build(model_variant="tiny" if tiny else "t5_xl",
-                              data_variant="smoke" if tiny else stage.data)
+                              data_variant=stage.tiny_data if tiny else stage.data)
     batch_size = 4 if tiny else stage.batch_size
     steps = 4 if tiny else stage.steps
     config.data.batch_size = batch_size

@@ -10,7 +10,9 @@ and the losses; the loss masks (``task_*``) are the slot mask times the row's lo
 filler        slots                                       prompt box
 ============  ==========================================  ==========================
 narrative     1: one narrative (random in training); its  whole valid image
-              trace when the task trains points
+              trace when the task trains points; in
+              evaluation, every narrative's caption (the
+              references) in ``gt_*``, up to G
 expressions   one per (object, expression), up to S; the  whole valid image
               object's mask when the task trains masks
 objects       one per object (a random expression), <= S  the object's box
@@ -20,7 +22,9 @@ ground_truth  none (every slot keeps the task's prompt,    (proposals)
 ============  ==========================================  ==========================
 
 An object with several texts contributes a random one (training) or its first (evaluation) to
-the objects and ground_truth fillers.
+the objects and ground_truth fillers. The narrative filler's evaluation references (up to G,
+whole-image boxes) are what the caption metric scores against (COCO: all 5-7 captions of an
+image; G = 100 in the full configs holds them); no loss reads them (``task_proposals`` is 0).
 
 When there are more candidates than slots, training takes a random subset (in the candidates'
 order); evaluation raises, naming the image, since every expression or object must be scored
@@ -119,6 +123,13 @@ def _fill_narrative(example: fields.Example, out: fields.Example, *, task: tasks
     out[SLOT_TRACE][0] = narrative if "points" in task.losses else None
     out[batch.PROMPT_BOXES][0] = _whole_image(example)
     out[batch.SLOT_MASK][0] = True
+    if not train:
+        # The official caption evaluation scores the image's caption against every caption
+        # of the image: they become the image's ground-truth texts, each of the whole image.
+        for g, reference in enumerate(narratives[:len(out[GT_TEXT])]):
+            out[batch.GT_BOXES][g] = _whole_image(example)
+            out[batch.GT_MASK][g] = True
+            out[GT_TEXT][g] = reference[fields.CAPTION]
 
 
 def _fill_expressions(example: fields.Example, out: fields.Example, *, task: tasks.Task,

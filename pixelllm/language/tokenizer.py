@@ -144,6 +144,12 @@ class Tokenizer(abc.ABC):
             kept.append(token)
         return self._decode(kept)
 
+    def decode_generated(self, ids: Iterable[int]) -> str:
+        """:meth:`decode` of a model's output: ids past the tokenizer's vocabulary (the padding
+        rows of the model's, e.g. T5's 32,100 ids of 32,128 rows, which an untrained model may
+        pick) have no text."""
+        return self.decode([token for token in ids if int(token) < self.vocab_size])
+
     def _wrap(self, seq: list[int], *, add_bos: bool, add_eos: bool,
               marker: int | None = None) -> list[int]:
         if add_bos and self.bos_id is None:

@@ -17,7 +17,8 @@ trace     teacher-forced ``run_slots`` on the ground-truth  ``TracePointEvaluato
           caption: every token's points
 loca      ``inference.location_caption``, ground-truth     ``CaptioningEvaluator``
           boxes as prompts, greedy
-caption   ``inference.caption``, greedy                    ``CaptioningEvaluator``
+caption   ``inference.caption``, greedy                    ``CaptioningEvaluator`` (all
+                                                           the image's references)
 densecap  ``inference.dense_caption``, greedy              ``DenseCapEvaluator``
 ========  ===============================================  ==================================
 
@@ -27,10 +28,13 @@ since the canvas boxes were made by that factor), texts are the batch's tokens d
 predicted and ground truth, are bool canvas masks resized back to the original size by nearest
 neighbour (:func:`canvas_masks_to_original`); the official evaluator resizes the predicted mask
 logits bilinearly and reads the ground-truth mask decoded at original size, so mask metrics may
-differ from it by the pixels along the mask borders. Location captioning and captioning score
-one reference per item: the text of the slot (the first expression of an object, the first
-caption of an image). Dense captioning scores the batch's ground-truth regions: the source's
-``objects`` (G) must hold all of them (100, the official VG maximum).
+differ from it by the pixels along the mask borders. Location captioning scores one
+reference per item: the text of the slot (the first expression of an object). Captioning scores
+one item per image against all its reference captions, as the official COCO caption evaluation:
+the ``slot`` op lays every caption of an evaluation image out as its ground-truth texts
+(``gt_text_tokens`` where ``gt_mask``, up to G). Dense captioning scores the batch's
+ground-truth regions: the source's ``objects`` (G) must hold all of them (100, the official VG
+maximum).
 
 One METEOR process (``meteor``, default :class:`~pixelllm.evaluators.caption_metrics.MeteorProcess`)
 serves a whole evaluation and is closed at its end. Each source's metrics are written to
@@ -216,7 +220,7 @@ class _Texts:
 
     def generated(self, tokens: np.ndarray) -> str:
         """A generated row (no BOS), up to its EOS."""
-        return self._tokenizer.decode(tokens).strip()
+        return self._tokenizer.decode_generated(tokens).strip()
 
     def target(self, tokens: np.ndarray) -> str:
         """A batch text row: BOS, the text, EOS, padding."""
@@ -273,6 +277,7 @@ def _add_trace(evaluator: TracePointEvaluator, batch: Batch, outputs: Outputs,
 
 def _add_captions(evaluator: CaptioningEvaluator, batch: Batch, outputs: Outputs,
                   texts: _Texts) -> None:
+    """One item per used slot (location captioning): its caption against the slot's text."""
     for i in _examples(batch):
         used = np.flatnonzero(batch[batch_lib.SLOT_MASK][i])
         image_id = int(batch[batch_lib.IMAGE_ID][i])
@@ -280,6 +285,20 @@ def _add_captions(evaluator: CaptioningEvaluator, batch: Batch, outputs: Outputs
                       candidates=[texts.generated(outputs["tokens"][i, s]) for s in used],
                       references=[[texts.target(batch[batch_lib.TEXT_TOKENS][i, s])]
                                   for s in used])
+
+
+def _add_image_captions(evaluator: CaptioningEvaluator, batch: Batch, outputs: Outputs,
+                        texts: _Texts) -> None:
+    """One item per image: its caption (slot 0) against every reference caption of the image,
+    the ground-truth texts the ``slot`` op lays out in evaluation (as the official COCO caption
+    evaluation, which scores each image against all its captions)."""
+    for i in _examples(batch):
+        if not batch[batch_lib.SLOT_MASK][i, 0]:
+            continue
+        references = batch[batch_lib.GT_TEXT_TOKENS][i][batch[batch_lib.GT_MASK][i]]
+        evaluator.add(item_ids=[int(batch[batch_lib.IMAGE_ID][i])],
+                      candidates=[texts.generated(outputs["tokens"][i, 0])],
+                      references=[[texts.target(t) for t in references]])
 
 
 def _add_dense_captions(evaluator: DenseCapEvaluator, batch: Batch, outputs: Outputs,
@@ -329,11 +348,11 @@ class _Metric:
 
 
 _REFERRING_METRIC = _Metric(make=_make_referring, add=_add_referring)
-_CAPTIONING_METRIC = _Metric(make=_make_captioning, add=_add_captions)
 _METRICS: dict[str, _Metric] = {
     "refer": _REFERRING_METRIC, "refseg": _REFERRING_METRIC,
     "trace": _Metric(make=_make_trace, add=_add_trace),
-    "loca": _CAPTIONING_METRIC, "caption": _CAPTIONING_METRIC,
+    "loca": _Metric(make=_make_captioning, add=_add_captions),
+    "caption": _Metric(make=_make_captioning, add=_add_image_captions),
     "densecap": _Metric(make=_make_dense_captioning, add=_add_dense_captions),
 }
 

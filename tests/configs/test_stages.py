@@ -43,7 +43,9 @@ def test_every_stage_builds_locked_with_the_schema_fields(name):
 @pytest.mark.parametrize("name", [name for name in NAMES if name.endswith("_tiny")])
 def test_tiny_stages_train_in_seconds(name):
     config = stages.get_config(name)
-    assert (config.model_variant, config.data_variant) == ("tiny", "smoke")
+    # The multi-task stage's tiny data mixes all its sources (tests/train/test_multitask_tiny.py).
+    data = "smoke_multitask" if name == "multitask_tiny" else "smoke"
+    assert (config.model_variant, config.data_variant) == ("tiny", data)
     assert (config.train.batch_size, config.train.steps, config.optimizer.warmup_steps,
             config.checkpoint.save_interval_steps) == (4, 4, 1, 2)
     assert config.train.eval_every == 0
