@@ -10,7 +10,8 @@ scheme against :mod:`pixelllm.language.decoding` with a ``DecoderLM`` KV cache, 
 
 Reports the median wall time of ``--runs`` calls after a warm-up call (compile time apart),
 tokens/s and ms per token, prints a table and writes
-``benchmarks/results/decode_speed_<device>.json``. EOS is disabled so every run decodes all tokens.
+``benchmarks/results/decode_speed_<device>.json``. Decoding runs at fixed length
+(``eos_id=None``): every run decodes all tokens.
 
 A recomputing step costs the same at every step (the buffer width is fixed), so for long outputs
 the recomputing loop is timed over its first ``--recompute-steps`` steps, the prefill alone is
@@ -53,7 +54,7 @@ def _prefill(model, prompt, max_length):
 def cached_greedy(model, prompt, steps):
     logits, positions, cache = _prefill(model, prompt, prompt.shape[1] + steps)
     return decoding.greedy_decode(decoding.cached_step(model), logits=logits, positions=positions,
-                                  cache=cache, max_new_tokens=steps, eos_id=-1).tokens
+                                  cache=cache, max_new_tokens=steps, eos_id=None).tokens
 
 
 def recomputed_greedy(model, prompt, steps, width):
@@ -63,7 +64,7 @@ def recomputed_greedy(model, prompt, steps, width):
     return decoding.greedy_decode(decoding.recompute_step(model, width), logits=logits,
                                   positions=positions,
                                   cache=decoding.recompute_state(prompt, positions, width),
-                                  max_new_tokens=steps, eos_id=-1).tokens
+                                  max_new_tokens=steps, eos_id=None).tokens
 
 
 def _time(fn, *args, runs, **static):

@@ -12,8 +12,9 @@ and each chunk is padded to the next batch bucket (powers of two up to ``max_bat
 and expressions are padded to the next power-of-two token length (at least
 ``min_text_length``). Every image becomes a fixed-size canvas, so a compiled function depends
 only on (task, decode settings, batch bucket, text bucket). Each task runs one ``jax.jit`` over
-the model's split state (``nnx.merge`` inside the traced function), which keeps NNX's per-call
-graph bookkeeping out of decoding; :attr:`Predictor.traces` counts the traces per task.
+the model's split state (:func:`~pixelllm.models.pixel_llm.inference.compile_entry`), which
+keeps NNX's per-call graph bookkeeping out of decoding; :attr:`Predictor.traces` counts the
+traces per task.
 
 Results are small frozen dataclasses of plain Python and numpy values, each with ``to_json()``
 (a dict of JSON types) and ``drawing()`` (what :func:`pixelllm.overlay.draw` renders).
@@ -289,7 +290,7 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     """The text of generated ``ids`` (no stop id among them). Ids past the tokenizer's
     vocabulary (the padding rows of the model's, e.g. T5's 32,100 ids of 32,128 rows) have no
     text."""
-    return tokenizer.decode([token for token in ids if token < tokenizer.vocab_size])
+    return tokenizer.decode_generated(ids)
 
 
 def word_of_each_token(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
@@ -327,7 +328,8 @@ class Predictor:
     Attributes:
       settings: the default :class:`~pixelllm.models.pixel_llm.inference.DecodeSettings`
         (official greedy); pass ``settings=predictor.settings._replace(beam_size=4)`` to a
-        generating method for beam search.
+        generating method for beam search (``fixed_length=True``: texts cut at their first
+        EOS here, scores over every decoded token).
       traces: how many times each task's function was traced (compiled).
     """
 
@@ -516,9 +518,10 @@ class Predictor:
         return results
 
     def _generated_ids(self, tokens: np.ndarray, length: int) -> list[int]:
-        """The word tokens of a generated row (EOS and what follows dropped)."""
+        """The word tokens of a generated row: the first EOS and what follows dropped (a
+        ``fixed_length`` decode goes on after its EOS)."""
         ids = [int(t) for t in tokens[:int(length)]]
-        return ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids
+        return ids[:ids.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in ids else ids
 
     def _caption(self, out: inference.Generation, frame: CanvasFrame) -> Caption:
         """Slot 0 of a generation as a :class:`Caption` in the user's frame."""
@@ -541,14 +544,13 @@ class Predictor:
         key = (task, settings)
         if key not in self._functions:
             entry = inference.for_task(task)
-            graphdef = self._graphdef
-            extra = {} if settings is None else {"settings": settings}
 
-            def run(state: nnx.State, inputs: dict[str, jax.Array]) -> Any:
+            def counted(model: PixelLLM, **inputs: Any) -> Any:
                 self.traces[task] += 1  # Python runs here only while tracing.
-                return entry(nnx.merge(graphdef, state), **inputs, **extra)
+                return entry(model, **inputs)
 
-            self._functions[key] = jax.jit(run)
+            static = {} if settings is None else {"settings": settings}
+            self._functions[key] = inference.compile_entry(counted, self._graphdef, **static)
         return self._functions[key]
 
     def _run(self, task: str, requests: list[_Request],

@@ -24,7 +24,8 @@ SCORE_NORMALIZATIONS = ("words", "tokens")
 class Generation(NamedTuple):
     """Generated text per slot, with its grounding.
 
-    ``tokens [B, S, T]`` (EOS included, then ``pad_id``), ``lengths [B, S]`` (EOS counted),
+    ``tokens [B, S, T]`` (EOS included, then ``pad_id``; with ``fixed_length`` every generated
+    token), ``lengths [B, S]`` (EOS counted),
     ``log_prob [B, S]`` the greedy score (the summed log-probability of the generated tokens, EOS
     included, over the count that ``score_normalization`` names) or the length-penalised beam
     score, ``token_points [B, S, T, K, 2]`` canvas pixels,
@@ -43,7 +44,7 @@ def generate(model: PixelLLM, features: ImageFeatures, valid_wh: jax.Array, *,
              prompt_boxes: jax.Array | None, context_tokens: jax.Array, context_mask: jax.Array,
              bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int, beam_size: int = 1,
              brevity_alpha: float = 0.6, suppress_repeat: bool = True,
-             score_normalization: str = "words",
+             score_normalization: str = "words", fixed_length: bool = False,
              prompt_points: jax.Array | None = None) -> Generation:
     """Generates text for every slot (``prompt_boxes [B, S, 4]`` or ``prompt_points
     [B, S, P, 2]``, see :meth:`PixelLLM.visual_tokens`; ``context_* [B, S, Lc]``).
@@ -54,6 +55,13 @@ def generate(model: PixelLLM, features: ImageFeatures, valid_wh: jax.Array, *,
     included) by the number of words, ``"words"`` (official, scenic
     ``auto_regressive_decode.greedy_decode``), or of generated tokens EOS included,
     ``"tokens"`` (a true mean, an extension).
+
+    ``fixed_length`` decodes exactly ``max_new_tokens`` tokens per slot with nothing ending a
+    text: the loop carries no stopping test, ``eos_id`` is an ordinary token, ``lengths`` are
+    ``max_new_tokens``, every token's points are valid, the box is read at the last token and
+    the greedy score counts every token. The caller cuts each text at its first ``eos_id``
+    (greedy: up to there the tokens are those of the early-stopping decode). Timings then
+    measure a known amount of work, as the official harness's fixed-length greedy decoding does.
     """
     if score_normalization not in SCORE_NORMALIZATIONS:
         raise ValueError(f"score_normalization {score_normalization!r}; choose from "
@@ -62,7 +70,8 @@ def generate(model: PixelLLM, features: ImageFeatures, valid_wh: jax.Array, *,
     visual = model.visual_tokens(features, prompt_boxes, prompt_points=prompt_points)
     prefix, prefix_mask = model.prefix(visual, context_tokens, context_mask)
     out = decoding.generate(model.lm, prefix=prefix, prefix_mask=prefix_mask, bos_id=bos_id,
-                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                            max_new_tokens=max_new_tokens,
+                            eos_id=None if fixed_length else eos_id, pad_id=pad_id,
                             beam_size=beam_size, alpha=brevity_alpha,
                             suppress_repeat=suppress_repeat, return_hidden=True)
     # BOS's state first: it emits EOS when the text is empty (as eos_positions in training).
@@ -70,9 +79,12 @@ def generate(model: PixelLLM, features: ImageFeatures, valid_wh: jax.Array, *,
     steps = out.tokens.shape[1]
     wh = jnp.repeat(valid_wh, slots, axis=0)
     points = to_canvas(head.points[:, 1:], wh[:, None, None, :])
-    ends_with_eos = jnp.take_along_axis(out.tokens, jnp.maximum(out.lengths - 1, 0)[:, None],
-                                        axis=1)[:, 0] == eos_id
-    words = out.lengths - ends_with_eos.astype(jnp.int32)
+    if fixed_length:
+        words = out.lengths
+    else:
+        ends_with_eos = jnp.take_along_axis(
+            out.tokens, jnp.maximum(out.lengths - 1, 0)[:, None], axis=1)[:, 0] == eos_id
+        words = out.lengths - ends_with_eos.astype(jnp.int32)
     count = words if score_normalization == "words" else out.lengths
     log_prob = out.scores if beam_size > 1 else out.scores / jnp.maximum(count, 1)
     valid = jnp.arange(steps)[None] < words[:, None]
