@@ -51,7 +51,7 @@ from jax.sharding import Mesh
 from orbax.checkpoint import multihost
 
 from data_pipelines import pipeline as pipeline_lib
-from pixelllm import sharding
+from pixelllm import config_sizes, sharding
 from pixelllm.language.tokenizer import load_tokenizer
 from pixelllm.language.vocabulary import check_vocabulary
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
@@ -223,6 +223,8 @@ def _to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any]
 
 
 def _check(config: Any) -> None:
+    # After --config overrides: model and data sizes still agree.
+    config_sizes.check(config)
     if config.train.batch_size != config.data.batch_size:
         raise ValueError(f"config.train.batch_size {config.train.batch_size} != "
                          f"config.data.batch_size {config.data.batch_size}: the pipeline "
