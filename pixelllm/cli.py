@@ -5,6 +5,7 @@ and folders, writing a JSON result and a PNG overlay per image.
     pixelllm locate   ... --expression=TEXT        pixelllm segment ... --expression=TEXT
     pixelllm describe ... --box=X0,Y0,X1,Y1 | --points="X,Y X,Y"
     pixelllm dense    ...                          pixelllm answer  ... --question=TEXT
+    pixelllm serve    [--workdir=RUN | --config=...] [--host=127.0.0.1] [--port=8000]
 
 The model: ``--workdir`` (a training run, its latest checkpoint) or ``--config=FILE[:VARIANT]``
 (an experiment or stage config, ``.py`` or a run's ``config.json``) with the public files
@@ -15,6 +16,9 @@ that upright frame. A folder is searched recursively for those suffixes.
 For ``OUT/<name>.json`` (``image``, ``width``, ``height``, ``task``, ``model``, ``result``) and
 ``OUT/<name>.png``, ``<name>`` is a file's stem, or a folder member's path inside the folder
 without its suffix, ``/`` written ``__`` (a name seen twice gets ``-2``, ``-3``...).
+
+``pixelllm serve`` starts the local web app of :mod:`pixelllm.web` on the model (by default
+the demo's, ``demo_out/run``) and serves until interrupted.
 
 Exit status: 0 when every image was processed; 1 when any input was skipped (an unreadable or
 missing image, a box outside it: each named on one line, the rest still processed, the count
@@ -40,6 +44,8 @@ from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 TASKS = ("caption", "locate", "segment", "describe", "dense", "answer")
+# The work dir `bash launch/demo.sh` trains: what `pixelllm serve` serves by default.
+DEMO_WORKDIR = "demo_out/run"
 
 
 class UsageError(Exception):
@@ -87,19 +93,20 @@ def _power_of_two(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser: one subcommand per task."""
-    common = _Parser(add_help=False)
+    model = _Parser(add_help=False)
+    model.add_argument("--workdir", help="a training run's work dir (latest checkpoint)")
+    model.add_argument("--config", help="FILE[:VARIANT]: an experiment or stage config (.py), "
+                       "or a run's config.json; with the public files below")
+    for name in ("sam", "eva02", "language_model", "tokenizer"):
+        model.add_argument(f"--{name}", help=f"with --config: the public {name} file or folder")
+    model.add_argument("--max_new_tokens", type=int,
+                       help="generated length limit (default: the run's text length - 1)")
+    common = _Parser(add_help=False, parents=[model])
     common.add_argument("inputs", nargs="+", help="image files and folders")
     common.add_argument("--out", required=True, help="folder for the JSON and PNG files")
-    common.add_argument("--workdir", help="a training run's work dir (latest checkpoint)")
-    common.add_argument("--config", help="FILE[:VARIANT]: an experiment or stage config (.py), "
-                        "or a run's config.json; with the public files below")
-    for name in ("sam", "eva02", "language_model", "tokenizer"):
-        common.add_argument(f"--{name}", help=f"with --config: the public {name} file or folder")
     common.add_argument("--batch_size", type=_power_of_two, default=8,
                         help="images run at once (a power of two)")
     common.add_argument("--beam_size", type=int, default=1, help="1: greedy (official)")
-    common.add_argument("--max_new_tokens", type=int,
-                        help="generated length limit (default: the run's text length - 1)")
     parser = _Parser(prog="pixelllm", description="PixelLLM on your images.")
     commands = parser.add_subparsers(dest="task", required=True)
     caption = commands.add_parser("caption", parents=[common], help="caption with word traces")
@@ -114,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("dense", parents=[common], help="dense captioning")
     commands.add_parser("answer", parents=[common], help="answer a question") \
         .add_argument("--question", type=_text, required=True)
+    serve = commands.add_parser("serve", parents=[model], help="a local web app for every task "
+                                f"(default model: --workdir={DEMO_WORKDIR})")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
+    serve.add_argument("--examples", help="folder of example images (default: the demo's "
+                       "held-out images beside the work dir, else generated scenes)")
+    # One image per request: one compiled program per task.
+    serve.set_defaults(batch_size=1)
     return parser
 
 
@@ -192,10 +208,32 @@ def _check_region(args: argparse.Namespace, image: np.ndarray, name: str) -> Non
         check_points(args.points, width=width, height=height, name=f"{name}: --points")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``pixelllm serve``: loads the model once, then serves until interrupted."""
+    from pixelllm.web import examples, server
+
+    try:
+        predictor = _predictor(args)
+        folder = (Path(args.examples) if args.examples else
+                  Path(args.workdir).parent / "images" if args.workdir else None)
+        app = server.DemoServer((args.host, args.port), predictor=predictor,
+                                model_name=args.workdir or args.config,
+                                examples=examples.load(folder, count=6))
+    except (OSError, ValueError) as error:
+        hint = ("; train it with `bash launch/demo.sh` or pass --workdir"
+                if args.workdir == DEMO_WORKDIR else "")
+        print(f"pixelllm: error: cannot serve: {error}{hint}", file=sys.stderr)
+        return 1
+    server.serve(app)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command (``argv`` without the program name); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
+        if args.task == "serve" and not args.workdir and not args.config:
+            args.workdir = DEMO_WORKDIR
         if bool(args.workdir) == bool(args.config):
             raise UsageError("give exactly one of --workdir and --config")
     except UsageError as error:
@@ -211,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pixelllm: error: no data_pipelines/ in {os.getcwd()}: run the command from the "
               "repository root", file=sys.stderr)
         return 2
+    if args.task == "serve":
+        return _serve(args)
     from tqdm import tqdm
 
     from pixelllm import overlay
