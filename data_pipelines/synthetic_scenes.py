@@ -5,8 +5,9 @@
 makes ``N`` images of coloured shapes (:mod:`data_pipelines.synthetic`) and writes
 ``DIR/localized_narratives``, ``DIR/refer`` and ``DIR/visual_genome``, the ``manual_dir`` of the
 builders ``localized_narratives`` (config ``coco``), ``refer_coco`` (``refcoco_unc``) and
-``vg_densecap`` (``densecap``); see :mod:`data_pipelines.synthetic.formats`. The same arguments
-give the same bytes.
+``vg_densecap`` (``densecap``); see :mod:`data_pipelines.synthetic.formats`; and
+``DIR/spiece.model``, a SentencePiece tokenizer trained on the training images' texts and the
+task prompts (:mod:`data_pipelines.synthetic.tokenizer`). The same arguments give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from data_pipelines.synthetic import dataset, formats
+from data_pipelines.synthetic import dataset, formats, tokenizer
 
 _BUILDERS = {
     formats.LN_DIR: "localized_narratives (config coco; val -> split 'validation')",
@@ -44,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                               max_objects=args.max_objects, val_fraction=args.val_fraction,
                               test_fraction=args.test_fraction)
     written = formats.write_all(images, args.out)
+    tokenizer_path = os.path.join(args.out, tokenizer.TOKENIZER_FILE)
+    with open(tokenizer_path, "wb") as f:
+        f.write(tokenizer.train(tokenizer.texts(
+            [image for image in images if image.split == "train"])))
     print(f"{len(images)} images of {args.height}x{args.width} px (seed {args.seed}) in "
           f"{time.perf_counter() - start:.1f} s:")
     for folder, counts in written.items():
@@ -54,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_sentences = sum(len(e) for image in images for e in image.expressions)
     print(f"  {num_refs} refs with {num_sentences} expressions; "
           f"{sum(len(image.scene.objects) for image in images)} shapes (regions)")
+    print(f"  {tokenizer_path}: SentencePiece tokenizer of the training texts and task prompts")
     sys.stdout.flush()
 
 
