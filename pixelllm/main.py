@@ -77,7 +77,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    # The run's own reports (parameter counts, initialization sources, evaluations) at INFO;
+    # the libraries' (Orbax, TFDS) at absl's --verbosity (default: warnings).
+    logging.getLogger("pixelllm").setLevel(logging.INFO)
     init_args = distributed_init_args(coordinator_address=_COORDINATOR.value,
                                       num_processes=_NUM_PROCESSES.value,
                                       process_id=_PROCESS_ID.value, environ=os.environ)
