@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job on data it generates, from a fresh machine: sets up ./.venv from the lock files, then
-# runs the demo. Until the PixelLLM model lands this is the encoders demo (SAM box-prompted
-# segmentation + EVA02 on a generated scene); flags go to it, e.g.
-#   bash launch/demo.sh --sam_checkpoint=/path/to/sam_vit_b_01ec64.pth --sam_config=vit_b
+# The main job on data it generates, from a fresh machine: sets up ./.venv from the lock files,
+# then generates synthetic grounded scenes, builds them with the real TFDS builders, trains a
+# small PixelLLM on every task at once (pixelllm.main), evaluates it on the held-out scenes with
+# the paper's evaluators and draws the results (pixelllm/tools/demo.py). Flags go to it:
+#   bash launch/demo.sh                 # about 20 minutes on 2 CPU cores; writes demo_out/
+#   bash launch/demo.sh --quick         # a few steps: every file, no meaningful numbers
+#   bash launch/demo.sh --out=/tmp/demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-exec .venv/bin/python -m pixelllm.tools.encoders_demo "$@"
+exec .venv/bin/python -m pixelllm.tools.demo "$@"
