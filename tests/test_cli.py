@@ -12,6 +12,12 @@ from PIL import Image
 from pixelllm import cli
 from tests.test_predictor import MAX_NEW_TOKENS, make_tiny_workdir
 
+# The predictor tests' group: both modules compile the same tiny programs, so on one xdist worker
+# (launch/test.sh uses --dist loadgroup) the second reads them from the compilation cache instead
+# of compiling them again at the same time on the other worker, and the work dir fixture is
+# built once per module, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_predictor")
+
 # The result keys of each subcommand (README, "Using a trained model").
 RESULT_KEYS = {
     "caption": {"caption", "score", "words"},

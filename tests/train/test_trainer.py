@@ -4,7 +4,11 @@ losses as an uninterrupted one, eval_only trains nothing, the workdir holds what
 
 Every run compiles the tiny model's train step (about a minute on a 2-core CPU), so one
 uninterrupted run is shared by the tests (module fixture), the interrupted runs are
-subprocesses (they must be killed), and all runs share a persistent compilation cache.
+subprocesses (they must be killed), and all runs share a persistent compilation cache. All of
+them compile with ``jax_disable_most_optimizations`` (no LLVM optimization of the CPU code:
+about 40% less compile time, for runs of a few steps), in-process and in the subprocesses alike,
+so that the subprocesses find the in-process programs in the cache and the losses compared come
+from the same programs.
 """
 
 import io
@@ -29,7 +33,7 @@ from pixelllm.train.metrics_writer import read_metrics
 
 # Module fixtures compile the tiny model: all of this module runs on one xdist worker
 # (launch/test.sh uses --dist loadgroup), so they are built once.
-pytestmark = pytest.mark.xdist_group("test_trainer")
+pytestmark = [pytest.mark.xdist_group("test_trainer"), pytest.mark.usefixtures("cheap_compilation")]
 
 STEPS = 4
 CAPTIONS = ["a dog on the grass", "the cat on the right", "a red car on the left",
@@ -150,7 +154,7 @@ def _start_paused(data, workdir: Path, cache: str) -> tuple[subprocess.Popen, Pa
     """A paused run in a subprocess, returned once it waits at step 3 with step 2 saved."""
     marker, release = workdir.parent / f"{workdir.name}.paused", workdir.parent / "release"
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     code = ("from tests.train.test_trainer import run_paused; "
             f"run_paused(*{[*data, str(workdir), str(marker), str(release)]!r})")
