@@ -214,9 +214,14 @@ def _eval_sources(variant: str, sizes: dict) -> list[dict]:
     # One slot: the image is captioned once and scored against all its references.
     coco = [source("coco_captions_karpathy_val", COCO_CAPTIONS, "karpathy_val", "caption", 1,
                    32)]
+    # The held-out images of the instruction mixture (one in 100, by image), at most 16
+    # question-answer pairs per example (longer conversations are split by the builder).
+    answers = [source("sharegpt4v_mix665k_held_out", SHAREGPT4V, "held_out",
+                      "question_answer", 16, 32)]
     return {"pixelllm": trace + refer + densecap, "smoke": trace + refer[:1] + densecap[:1],
             "trace": trace, "ref": refer, "refseg": refseg, "densecap": densecap,
-            "trace_coco": coco + trace, "multitask": coco + trace + refer + densecap,
+            "trace_coco": coco + trace,
+            "multitask": coco + trace + refer + densecap + answers,
             "smoke_multitask": coco + trace + refer[:1] + densecap[:1],
             "ref_official": refer, "refseg_official": refseg}[variant]
 

@@ -32,8 +32,21 @@ The ``<image>`` marker is removed wherever it is in a turn (the official removes
 stripped, and a marker between two pieces of text leaves one newline if a newline touched it,
 else one space.
 
+Splits: the mixtures have only training data, so one image in :attr:`LlavaInstructionsConfig.
+held_out_every` (100 by default) is held out for evaluation, as split ``held_out``, and every
+other image is in ``train``. The choice is by the image, not the entry: an image several entries
+name (the public ``id`` repeats, and one image may carry several conversations) is wholly in one
+split, so no held-out question is about an image the model trained on. An image is held out when
+the 64-bit BLAKE2b hash of its ``image`` path (``/``-separated, as written in the json) is 0
+modulo ``held_out_every`` (:func:`is_held_out`): stable across runs, machines and versions of
+the json, unlike Python's ``hash``. A held-out entry of more than :data:`HELD_OUT_TURNS`
+pairs becomes several examples of at most that many, in conversation order (keys
+``"<position>/<part>"``), since evaluation scores every pair of an example in its own slot and
+has 16 slots, the official multi-task count; the pairs themselves are the same as in training.
+
 Bad records go through :class:`~data_pipelines.skips.SkipCounter` (``skip_policy``; reasons in
-:data:`SKIP_REASONS`), in the ``train`` split's counts: an entry without ``image`` is counted
+:data:`SKIP_REASONS`), in the counts of the split their image is in (an entry without a usable
+``image`` path in ``train``'s): an entry without ``image`` is counted
 as :data:`TEXT_ONLY` (the mixtures hold ShareGPT text conversations, which have no image to
 ground), one whose image file is missing or corrupt as :data:`MISSING_IMAGE` /
 :data:`~data_pipelines.builders.common.CORRUPT_IMAGE`; a human turn with no gpt turn after it
@@ -45,6 +58,7 @@ removal) as :data:`EMPTY_TURN`; an entry left without pairs as :data:`NO_TURNS`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -72,6 +86,10 @@ SKIP_REASONS = (BAD_FIELD, TEXT_ONLY, MISSING_IMAGE, CORRUPT_IMAGE, UNANSWERED, 
 HUMAN = "human"
 GPT = "gpt"
 IMAGE_MARKER = "<image>"
+# Pairs per held-out example: the slots of the multi-task evaluation (configs/data.py).
+HELD_OUT_TURNS = 16
+TRAIN = "train"
+HELD_OUT = "held_out"
 _MARKER_WITH_SPACE = re.compile(r"\s*" + re.escape(IMAGE_MARKER) + r"\s*")
 
 
@@ -145,22 +163,38 @@ def image_path(manual_dir: str, image: Any) -> str:
     return os.path.join(manual_dir, image)
 
 
+def is_held_out(image: str, *, every: int) -> bool:
+    """Whether the image at path ``image`` (an entry's ``image`` field) is in split
+    ``held_out``: one image in ``every``, by a stable hash of the path (module docstring)."""
+    digest = hashlib.blake2b(image.replace("\\", "/").encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % every == 0
+
+
 @dataclasses.dataclass(eq=False)
 class LlavaInstructionsConfig(tfds.core.BuilderConfig):
-    """Which mixture's json to read (a file name in ``manual_dir``)."""
+    """Which mixture's json to read (a file name in ``manual_dir``), and how many images hold
+    one out (``held_out_every``: one in that many goes to split ``held_out``)."""
 
     json_file: str = ""
+    held_out_every: int = 100
+
+    def __post_init__(self):
+        if self.held_out_every < 2:
+            raise ValueError(f"LlavaInstructionsConfig {self.name!r}: held_out_every must be "
+                             f">= 2 (one image in that many is held out), got "
+                             f"{self.held_out_every}")
 
 
 class LlavaInstructions(SkipPolicyBuilder):
     """LLaVA-style instruction data, one example per entry with an image (module docstring).
 
     Takes :class:`~data_pipelines.builders.common.SkipPolicyBuilder`'s ``skip_policy`` and
-    keeps its ``skip_counts`` (split ``train``).
+    keeps its ``skip_counts`` (per split, ``train`` and ``held_out``).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Split held_out: one image in 100, out of train."}
     BUILDER_CONFIGS = [
         LlavaInstructionsConfig(name="llava_v1_5_mix665k", json_file="llava_v1_5_mix665k.json",
                                 description="LLaVA 1.5's instruction mixture."),
@@ -199,31 +233,55 @@ class LlavaInstructions(SkipPolicyBuilder):
     def _example_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         path = os.path.join(manual_dir, self.builder_config.json_file)
-        present = ["train"] if os.path.exists(path) else []
-        self._choose_splits(present, {} if present else {"train": path})
-        return {"train": self._generate_examples(path=path, manual_dir=manual_dir)}
+        present = [TRAIN, HELD_OUT] if os.path.exists(path) else []
+        self._choose_splits(present, {} if present else {TRAIN: path, HELD_OUT: path})
+        entries = _load_entries(path)
+        return {split: self._generate_examples(split, entries=entries, path=path,
+                                               manual_dir=manual_dir)
+                for split in (TRAIN, HELD_OUT)}
 
-    def _generate_examples(self, *, path: str, manual_dir: str) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, split: str, *, entries: list, path: str,
+                           manual_dir: str) -> Iterator[tuple[str, dict]]:
         skips = self._skip_counter()
-        with open(path, "rb") as f:
-            try:
-                entries = json.load(f)
-            except ValueError as error:
-                raise ValueError(f"{path}: not valid JSON: {error}") from error
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected a list of conversations at the top level")
+        every = self.builder_config.held_out_every
         num_examples = 0
         for index, entry in enumerate(entries):
+            image = entry.get("image") if isinstance(entry, Mapping) else None
+            # An entry without a usable path is counted once, in train's counts.
+            held_out = isinstance(image, str) and bool(image) and is_held_out(image,
+                                                                              every=every)
+            if held_out != (split == HELD_OUT):
+                continue
             example = _example(entry, index=index, path=path, manual_dir=manual_dir,
                                skips=skips)
-            if example is not None:
+            if example is None:
+                continue
+            # The position: ids repeat in the public mixtures, keys must not.
+            if split == TRAIN:
                 num_examples += 1
-                # The position: ids repeat in the public mixtures, keys must not.
                 yield str(index), example
-        self._keep_skip_counts("train", skips)
+                continue
+            turns = example["turns"]
+            for part, start in enumerate(range(0, len(turns), HELD_OUT_TURNS)):
+                num_examples += 1
+                yield f"{index}/{part}", {**example,
+                                          "turns": turns[start:start + HELD_OUT_TURNS]}
+        self._keep_skip_counts(split, skips)
         self._refuse_empty_split(
-            "train", num_examples=num_examples, skips=skips,
-            detail=f"all {len(entries)} entries were skipped (images in {manual_dir}?)")
+            split, num_examples=num_examples, skips=skips,
+            detail=f"none of the {len(entries)} entries gave an example of this split (images "
+                   f"in {manual_dir}? one image in {every} is held out)")
+
+
+def _load_entries(path: str) -> list:
+    with open(path, "rb") as f:
+        try:
+            entries = json.load(f)
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of conversations at the top level")
+    return entries
 
 
 def _example(entry: Any, *, index: int, path: str, manual_dir: str,

@@ -7,20 +7,23 @@ sources, in original-image pixels.
 :mod:`pixelllm.batch`), runs the task's inference under one ``jax.jit`` over the split model
 state per (task, decode settings), and feeds the host-side metric of the task:
 
-========  ===============================================  ==================================
-task      inference                                        metric (``pixelllm/evaluators``)
-========  ===============================================  ==================================
-refer     ``inference.refer``: the box at the expression's  ``RefCocoEvaluator`` (boxes)
-          EOS, teacher-forced on the expression
-refseg    ``inference.refer_segment``                      ``RefCocoEvaluator`` (boxes, masks)
-trace     teacher-forced ``run_slots`` on the ground-truth  ``TracePointEvaluator``
-          caption: every token's points
-loca      ``inference.location_caption``, ground-truth     ``CaptioningEvaluator``
-          boxes as prompts, greedy
-caption   ``inference.caption``, greedy                    ``CaptioningEvaluator`` (all
-                                                           the image's references)
-densecap  ``inference.dense_caption``, greedy              ``DenseCapEvaluator``
-========  ===============================================  ==================================
+===============  ================================================  ================================
+task             inference                                         metric (``pixelllm/evaluators``)
+===============  ================================================  ================================
+refer            ``inference.refer``: the box at the expression's  ``RefCocoEvaluator`` (boxes)
+                 EOS, teacher-forced on the expression
+refseg           ``inference.refer_segment``                       ``RefCocoEvaluator`` (boxes,
+                                                                   masks)
+trace            teacher-forced ``run_slots`` on the ground-truth  ``TracePointEvaluator``
+                 caption: every token's points
+loca             ``inference.location_caption``, ground-truth      ``CaptioningEvaluator``
+                 boxes as prompts, greedy
+caption          ``inference.caption``, greedy                     ``CaptioningEvaluator`` (all
+                                                                   the image's references)
+densecap         ``inference.dense_caption``, greedy               ``DenseCapEvaluator``
+question_answer  ``inference.caption``, greedy, each slot's        ``VqaAnswerEvaluator`` (exact
+                 question as its context                           match, VQA normalisation)
+===============  ================================================  ================================
 
 Ground truth comes from the batch: canvas boxes map back to original pixels by the same per-axis
 factor as the predictions (:func:`~pixelllm.evaluators.refcoco.canvas_boxes_to_original`; exact,
@@ -34,7 +37,11 @@ one item per image against all its reference captions, as the official COCO capt
 the ``slot`` op lays every caption of an evaluation image out as its ground-truth texts
 (``gt_text_tokens`` where ``gt_mask``, up to G). Dense captioning scores the batch's
 ground-truth regions: the source's ``objects`` (G) must hold all of them (100, the official VG
-maximum).
+maximum). Question answering scores one item per used slot: the answer generated after the
+slot's context (``"Question: " + q + "Answer: "``) against the slot's text, by exact match
+after the standard VQA answer normalisation; an item is (image, question, answer), so the
+repeats of evaluation padding count once, and so does a (question, answer) pair that two
+entries of one image share.
 
 One METEOR process (``meteor``, default :class:`~pixelllm.evaluators.caption_metrics.MeteorProcess`)
 serves a whole evaluation and is closed at its end. Each source's metrics are written to
@@ -69,6 +76,7 @@ from pixelllm.evaluators.captioning import CaptioningEvaluator
 from pixelllm.evaluators.densecap import DenseCapEvaluator
 from pixelllm.evaluators.refcoco import RefCocoEvaluator, canvas_boxes_to_original
 from pixelllm.evaluators.trace_points import TracePointEvaluator
+from pixelllm.evaluators.vqa_answers import VqaAnswerEvaluator
 from pixelllm.language.tokenizer import Tokenizer, load_tokenizer
 from pixelllm.models.pixel_llm import inference
 from pixelllm.models.pixel_llm.inference import DecodeSettings
@@ -192,6 +200,8 @@ def _predict_densecap(model: PixelLLM, batch: Mapping[str, jax.Array],
 PREDICTORS: dict[str, Predict] = {
     "refer": _predict_refer, "refseg": _predict_refseg, "trace": _predict_trace,
     "loca": _predict_loca, "caption": _predict_caption, "densecap": _predict_densecap,
+    # inference.caption over every slot, each with its own question as the context.
+    "question_answer": _predict_caption,
 }
 
 
@@ -225,6 +235,10 @@ class _Texts:
     def target(self, tokens: np.ndarray) -> str:
         """A batch text row: BOS, the text, EOS, padding."""
         return self._tokenizer.decode(tokens[1:]).strip()
+
+    def context(self, tokens: np.ndarray) -> str:
+        """A batch context row: the context, EOS, padding (no BOS)."""
+        return self._tokenizer.decode(tokens).strip()
 
 
 # ------------------------------------------------------------------ metrics per task
@@ -301,6 +315,21 @@ def _add_image_captions(evaluator: CaptioningEvaluator, batch: Batch, outputs: O
                       references=[[texts.target(t) for t in references]])
 
 
+def _add_answers(evaluator: VqaAnswerEvaluator, batch: Batch, outputs: Outputs,
+                 texts: _Texts) -> None:
+    """One item per used slot (question answering): its generated answer against the slot's
+    text, the item named by the image and the slot's question and answer."""
+    for i in _examples(batch):
+        used = np.flatnonzero(batch[batch_lib.SLOT_MASK][i])
+        image_id = int(batch[batch_lib.IMAGE_ID][i])
+        answers = [texts.target(batch[batch_lib.TEXT_TOKENS][i, s]) for s in used]
+        questions = [texts.context(batch[batch_lib.CONTEXT_TOKENS][i, s]) for s in used]
+        evaluator.add(item_ids=[json.dumps([image_id, question, answer])
+                                for question, answer in zip(questions, answers)],
+                      predictions=[texts.generated(outputs["tokens"][i, s]) for s in used],
+                      answers=answers)
+
+
 def _add_dense_captions(evaluator: DenseCapEvaluator, batch: Batch, outputs: Outputs,
                         texts: _Texts) -> None:
     for i in _examples(batch):
@@ -339,6 +368,12 @@ def _make_dense_captioning(*, split: str, meteor: Meteor,
     return DenseCapEvaluator(meteor=meteor)
 
 
+def _make_answers(*, split: str, meteor: Meteor,
+                  max_expressions_per_image: int | None) -> VqaAnswerEvaluator:
+    del meteor, max_expressions_per_image  # exact match; every slot of an image is scored
+    return VqaAnswerEvaluator(split=split)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Metric:
     """A task's metric: how to make its evaluator (``split``, ``meteor``,
@@ -354,6 +389,7 @@ _METRICS: dict[str, _Metric] = {
     "loca": _Metric(make=_make_captioning, add=_add_captions),
     "caption": _Metric(make=_make_captioning, add=_add_image_captions),
     "densecap": _Metric(make=_make_dense_captioning, add=_add_dense_captions),
+    "question_answer": _Metric(make=_make_answers, add=_add_answers),
 }
 
 
@@ -512,7 +548,8 @@ def format_table(results: Mapping[str, Mapping[str, float]],
     paper reports that source (:data:`PAPER_NUMBERS`)."""
     headline = {"refer": ("box_P@0.5",), "refseg": ("box_P@0.5", "seg_cIoU"),
                 "trace": ("point_l1",), "loca": ("METEOR", "CIDEr"),
-                "caption": ("METEOR", "CIDEr"), "densecap": ("mAP",)}
+                "caption": ("METEOR", "CIDEr"), "densecap": ("mAP",),
+                "question_answer": ("exact_match",)}
     rows = [("source", "metric", "ours", "paper")]
     for name, metrics in results.items():
         source = sources[name]

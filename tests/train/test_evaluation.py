@@ -317,8 +317,8 @@ def test_location_captioning_and_captioning_run_greedy_decoding(model, mesh, rul
 
 
 def test_a_task_without_a_metric_is_refused_naming_the_source(mesh, rules, tmp_path):
-    with pytest.raises(ValueError, match="'llava'.*question_answer"):
-        driver({}, {"llava": EvalSource("question_answer", "llava_instructions/x", "train")},
+    with pytest.raises(ValueError, match="'llava'.*no_such_task"):
+        driver({}, {"llava": EvalSource("no_such_task", "llava_instructions/x", "train")},
                mesh=mesh, rules=rules, workdir=tmp_path)
 
 

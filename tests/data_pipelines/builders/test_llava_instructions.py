@@ -26,6 +26,8 @@ def _turns(*pairs):
 
 
 BUS = np.full((4, 6, 3), 10, np.uint8)
+DOG = np.full((5, 2, 3), 30, np.uint8)
+HELD_OUT_IMAGE = "coco/train2017/000000000037.jpg"
 SIGN = np.full((3, 3, 3), 20, np.uint8)
 ENTRIES = [
     {"id": "000000000001", "image": "coco/train2017/000000000001.jpg",
@@ -49,6 +51,14 @@ ENTRIES = [
     {"id": "escape", "image": "../outside.jpg", "conversations": _turns(("q", "a"))},
     {"id": "badturn", "image": "vg/VG_100K/1.jpg",
      "conversations": [{"from": "system", "value": "hi"}]},
+    # An image the stable hash holds out (1 in 100), named by two entries, one of them with the
+    # id of a training image's entries: split by image, not id. 17 pairs and a trailing
+    # question: two examples (16 + 1 pairs), the question counted in held_out's skips.
+    {"id": "000000000001", "image": HELD_OUT_IMAGE,
+     "conversations": _turns(*((f"Question {k}?", f"Answer {k}.") for k in range(17))) + [
+         {"from": "human", "value": "Unanswered?"}]},
+    {"id": "held_2", "image": HELD_OUT_IMAGE,
+     "conversations": _turns(("<image>\nHow many dogs?", "Two."))},
 ]
 EXPECTED_SKIPS = {llava.UNANSWERED: 1, llava.TEXT_ONLY: 1, llava.MISSING_IMAGE: 1,
                   llava.CORRUPT_IMAGE: 1, llava.UNASKED: 1, llava.EMPTY_TURN: 1,
@@ -61,6 +71,7 @@ def _manual_dir(tmp_path, entries=ENTRIES, name="sharegpt4v_mix665k_cap23k_coco-
     for folder in ("coco/train2017", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K"):
         (manual / folder).mkdir(parents=True)
     (manual / "coco/train2017/000000000001.jpg").write_bytes(_png(BUS))
+    (manual / HELD_OUT_IMAGE).write_bytes(_png(DOG))
     (manual / "ocr_vqa/images/sign.jpg").write_bytes(_png(SIGN))
     (manual / "textvqa/train_images/broken.jpg").write_bytes(_png(SIGN)[:30])
     (manual / "vg/VG_100K/1.jpg").write_bytes(_png(SIGN))
@@ -103,7 +114,46 @@ def test_each_entry_with_an_image_is_an_example_of_its_turn_pairs(built):
 
 
 def test_bad_entries_and_turns_are_counted(built):
-    assert built.skip_counts == {"train": EXPECTED_SKIPS}
+    assert built.skip_counts == {"train": EXPECTED_SKIPS, "held_out": {llava.UNANSWERED: 1}}
+
+
+def _all_examples(builder, split):
+    source = builder.as_data_source()[split]
+    return [source[i] for i in range(len(source))]
+
+
+def test_held_out_images_are_a_split_of_their_own(built):
+    train = _all_examples(built, "train")
+    held_out = _all_examples(built, "held_out")
+    assert {e["image/filename"] for e in held_out} == {HELD_OUT_IMAGE.encode()}
+    assert HELD_OUT_IMAGE.encode() not in {e["image/filename"] for e in train}
+    # Both entries of the held-out image, the long one in parts of 16 pairs in order.
+    by_size = sorted(held_out, key=lambda e: -len(e["turns"]["question"]))
+    assert [len(e["turns"]["question"]) for e in by_size] == [16, 1, 1]
+    parts = [p for e in by_size for p in _pairs(e)]
+    assert parts[:16] == [(f"Question {k}?", f"Answer {k}.") for k in range(16)]
+    assert sorted(parts[16:]) == [("How many dogs?", "Two."), ("Question 16?", "Answer 16.")]
+    assert sorted(e["image/id"] for e in held_out) == [b"000000000001", b"000000000001",
+                                                        b"held_2"]
+    for example in held_out:
+        np.testing.assert_array_equal(example["image"], DOG)
+
+
+def test_the_held_out_choice_is_a_stable_one_in_every():
+    # Pinned: a hash that changed (or Python's salted hash) would move images between splits.
+    paths = [f"coco/train2017/{n:012d}.jpg" for n in range(400)]
+    held = [n for n, path in enumerate(paths) if llava.is_held_out(path, every=100)]
+    assert held == [37, 173, 232, 240, 311]
+    assert llava.is_held_out("coco\\train2017\\000000000037.jpg", every=100)
+    many = sum(llava.is_held_out(f"gqa/images/{n}.jpg", every=100) for n in range(20000))
+    assert 150 <= many <= 250
+    assert sum(llava.is_held_out(f"gqa/images/{n}.jpg", every=10) for n in range(2000)) in (
+        range(150, 250))
+
+
+def test_held_out_every_must_hold_something_out():
+    with pytest.raises(ValueError, match="held_out_every must be >= 2"):
+        llava.LlavaInstructionsConfig(name="bad", json_file="x.json", held_out_every=1)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -133,8 +183,9 @@ def test_fail_policy_names_file_and_entry(tmp_path, build_dataset):
     manual = _manual_dir(tmp_path, entries=ENTRIES[:4], name="llava_v1_5_mix665k.json")
     with pytest.raises(BadRecordError, match=r"llava_v1_5_mix665k\.json: entry 1 \(id "
                                              r"'000000000001'\) turn 2: the conversation ends"):
+        # These entries hold no image out; under "fail" an empty held_out split is refused.
         build_dataset(llava.LlavaInstructions, manual_dir=manual, data_dir=tmp_path / "data",
-                      config="llava_v1_5_mix665k", skip_policy="fail")
+                      config="llava_v1_5_mix665k", skip_policy="fail", splits=["train"])
 
 
 def test_a_missing_json_is_named(tmp_path, build_dataset):
@@ -201,3 +252,18 @@ def test_tokenized_slots_hold_the_question_context_and_the_answer(built, tmp_pat
         assert len(context) > len("Question: ") and expected[
             tokenizer.decode(out["text_tokens"][s])].startswith(context)
         assert out["context_mask"][s].sum() <= 32
+
+
+def test_held_out_examples_go_through_the_evaluation_chain(built):
+    config = data_config.get_config("multitask")
+    entry = next(e for e in config.eval if e["name"] == "sharegpt4v_mix665k_held_out")
+    assert (entry["builder"], entry["split"], entry["task"]) == (
+        "llava_instructions/sharegpt4v_mix665k", "held_out", "question_answer")
+    longest = max(_all_examples(built, "held_out"), key=lambda e: len(e["turns"]["question"]))
+    out = _through_slots(entry, longest)
+    # Every pair of the example in its own slot, in order (evaluation scores them all).
+    assert out["slot_mask"].all() and len(out["slot_mask"]) == 16
+    assert list(out[slot.SLOT_CONTEXT]) == [f"Question: Question {k}?Answer: "
+                                            for k in range(16)]
+    assert list(out[slot.SLOT_TEXT]) == [f"Answer {k}." for k in range(16)]
+    np.testing.assert_array_equal(out["original_wh"], [2, 5])
