@@ -1,7 +1,7 @@
 """The demo: synthetic scenes -> the real builders -> ``pixelllm.main`` on every task -> the
 paper's evaluators -> overlays. What ``bash launch/demo.sh`` runs.
 
-  python -m pixelllm.tools.demo [--out=demo_out] [--quick]
+  python -m pixelllm.tools.demo [--out=demo_out] [--quick] [--steps=N]
 
 Steps, each announced with its time:
 
@@ -50,6 +50,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "A few scenes and steps: checks the p
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Scenes to generate (default: 1200, "
                                    "quick 40).")
 _SEED = flags.DEFINE_integer("seed", 0, "Scene seed.")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: configs/demo.py's; the "
+                              "schedule follows).")
 _NUM_OVERLAY_IMAGES = flags.DEFINE_integer("num_overlay_images", 4,
                                            "Held-out images drawn per task.")
 
@@ -220,8 +222,10 @@ def _first_expression(image: SyntheticImage) -> tuple[int, str]:
 
 
 def run(out: Path, *, quick: bool, num_images: int | None, seed: int,
-        num_overlay_images: int) -> dict[str, float]:
+        num_overlay_images: int, steps: int | None = None) -> dict[str, float]:
     """Every step (module docstring); returns ``metrics.json``'s values."""
+    steps_overrides = () if steps is None else (
+        f"--config.train.steps={steps}", f"--config.optimizer.total_steps={steps}")
     run_name = "quick" if quick else "demo"
     config = "configs/demo.py" + (":quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
@@ -239,8 +243,9 @@ def run(out: Path, *, quick: bool, num_images: int | None, seed: int,
     build(out)
     print(f"({time.perf_counter() - start:.0f} s)")
     _step(f"3/5 training ({config}) and evaluation")
-    train_seconds = run_main(out, config=config, overrides=(), log="train.log")
-    run_main(out, config=config, overrides=("--config.train.eval_only=True",), log="eval.log")
+    train_seconds = run_main(out, config=config, overrides=steps_overrides, log="train.log")
+    run_main(out, config=config, overrides=(*steps_overrides, "--config.train.eval_only=True"),
+             log="eval.log")
     metrics = {**read_metrics(out / "run"), "train_seconds": train_seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _step("4/5 metrics on held-out scenes")
@@ -258,7 +263,7 @@ def run(out: Path, *, quick: bool, num_images: int | None, seed: int,
 def main(argv: Sequence[str]) -> None:
     del argv
     run(Path(_OUT.value), quick=_QUICK.value, num_images=_NUM_IMAGES.value, seed=_SEED.value,
-        num_overlay_images=_NUM_OVERLAY_IMAGES.value)
+        num_overlay_images=_NUM_OVERLAY_IMAGES.value, steps=_STEPS.value)
 
 
 if __name__ == "__main__":
