@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from PIL import Image
 
 from data_pipelines.synthetic import dataset, formats, tokenizer
@@ -262,6 +262,8 @@ def run(out: Path, *, quick: bool, num_images: int | None, seed: int,
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    # The libraries' (Orbax, TFDS) INFO lines drown the demo's own output.
+    logging.set_verbosity(logging.WARNING)
     run(Path(_OUT.value), quick=_QUICK.value, num_images=_NUM_IMAGES.value, seed=_SEED.value,
         num_overlay_images=_NUM_OVERLAY_IMAGES.value, steps=_STEPS.value)
 
