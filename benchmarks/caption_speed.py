@@ -11,7 +11,7 @@ greedy loop. The model is ``configs/stages.py:trace_harness`` (224 canvas, 128-w
 
     python -m benchmarks.caption_speed                          # 128 tokens, batch 1 and 8
     python -m benchmarks.caption_speed --new-tokens 8 --batches 1 --calls 2 --warmup 1 \\
-        --out /tmp/caption_speed.json                           # a quick check
+        --out caption_speed_check.json                           # a quick check
 
 Each path is compiled apart (ahead of time), then timed over ``--calls`` calls after
 ``--warmup`` untimed ones: the split-state ``jax.jit`` of

@@ -5,7 +5,7 @@
 # the paper's evaluators and draws the results (pixelllm/tools/demo.py). Flags go to it:
 #   bash launch/demo.sh                 # about 20 minutes on 2 CPU cores; writes demo_out/
 #   bash launch/demo.sh --quick         # a few steps: every file, no meaningful numbers
-#   bash launch/demo.sh --out=/tmp/demo
+#   bash launch/demo.sh --out=runs/demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
