@@ -82,13 +82,16 @@ def _install_torchvision_stub():
 _install_torchvision_stub()
 
 
-@pytest.fixture(scope="module")
-def cheap_compilation():
-    """Compiles the module's programs without XLA's LLVM optimization of the CPU code
-    (``jax_disable_most_optimizations``): about 40% less compile time, slower to run. For
-    modules that compile large programs and run them a few steps, and compare only programs
-    compiled the same way (a module marks itself with
-    ``pytest.mark.usefixtures("cheap_compilation")``)."""
+@pytest.fixture(scope="module", autouse=True)
+def cheap_compilation(request):
+    """In modules marked ``pytestmark = pytest.mark.cheap_compilation``: compiles their programs
+    without XLA's LLVM optimization of the CPU code (``jax_disable_most_optimizations``), about
+    40% less compile time, slower to run. For modules that compile large programs, run them a
+    few steps and compare only programs compiled the same way. Autouse, so it is in force before
+    any of the module's own fixtures compiles."""
+    if request.node.get_closest_marker("cheap_compilation") is None:
+        yield
+        return
     import jax
 
     previous = jax.config.values["jax_disable_most_optimizations"]

@@ -26,6 +26,7 @@ key is written, the numbers mean nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -37,23 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import logging
 from PIL import Image
 
 from data_pipelines.synthetic import dataset, formats, tokenizer
 from data_pipelines.synthetic.dataset import SyntheticImage
 from data_pipelines.synthetic.language import region_phrase
-
-_OUT = flags.DEFINE_string("out", "demo_out", "Output folder (the demo's files in it are "
-                           "replaced).")
-_QUICK = flags.DEFINE_bool("quick", False, "A few scenes and steps: checks the plumbing.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Scenes to generate (default: 1200, "
-                                   "quick 40).")
-_SEED = flags.DEFINE_integer("seed", 0, "Scene seed.")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: configs/demo.py's; the "
-                              "schedule follows).")
-_NUM_OVERLAY_IMAGES = flags.DEFINE_integer("num_overlay_images", 4,
-                                           "Held-out images drawn per task.")
 
 # Scenes: 128 px, 2 or 3 shapes (the demo model sees them on a 64-pixel canvas).
 SCENE = dict(height=128, width=128, min_objects=2, max_objects=3, val_fraction=0.1,
@@ -260,13 +250,31 @@ def run(out: Path, *, quick: bool, num_images: int | None, seed: int,
     return metrics
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # argparse, not absl flags: the demo's names (--out, --seed) would clash in absl's global
+    # registry with other tools imported in the same process.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out",
+                        help="output folder (the demo's files in it are replaced)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few scenes and steps: checks the plumbing")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="scenes to generate (default: 1200, quick 40)")
+    parser.add_argument("--seed", type=int, default=0, help="scene seed")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: configs/demo.py's; the schedule follows)")
+    parser.add_argument("--num_overlay_images", type=int, default=4,
+                        help="held-out images drawn per task")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     # The libraries' (Orbax, TFDS) INFO lines drown the demo's own output.
     logging.set_verbosity(logging.WARNING)
-    run(Path(_OUT.value), quick=_QUICK.value, num_images=_NUM_IMAGES.value, seed=_SEED.value,
-        num_overlay_images=_NUM_OVERLAY_IMAGES.value, steps=_STEPS.value)
+    run(Path(args.out), quick=args.quick, num_images=args.num_images, seed=args.seed,
+        num_overlay_images=args.num_overlay_images, steps=args.steps)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -33,7 +33,7 @@ from pixelllm.train.metrics_writer import read_metrics
 
 # Module fixtures compile the tiny model: all of this module runs on one xdist worker
 # (launch/test.sh uses --dist loadgroup), so they are built once.
-pytestmark = [pytest.mark.xdist_group("test_trainer"), pytest.mark.usefixtures("cheap_compilation")]
+pytestmark = [pytest.mark.xdist_group("test_trainer"), pytest.mark.cheap_compilation]
 
 STEPS = 4
 CAPTIONS = ["a dog on the grass", "the cat on the right", "a red car on the left",

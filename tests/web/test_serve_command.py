@@ -42,7 +42,8 @@ def test_serve_command_serves_the_work_dir_and_stops_on_ctrl_c(tiny_workdir):
             ("a.png", 33, 36), ("b.png", 40, 30)]
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0
+        # Generous: on a loaded 2-core machine the shutdown may wait for a running compile.
+        assert process.wait(120) == 0
 
 
 def test_serve_without_a_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from flax import nnx
 from pixelllm.models.pixel_llm import inference, objective
 from pixelllm.nn import box_ops
 
-pytestmark = pytest.mark.usefixtures("cheap_compilation")
+pytestmark = pytest.mark.cheap_compilation
 
 
 def test_overfits_one_mixed_batch(make_batch, build_model):

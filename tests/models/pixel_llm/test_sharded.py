@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pixelllm import sharding
 from pixelllm.models.pixel_llm import objective
 
-pytestmark = pytest.mark.usefixtures("cheap_compilation")
+pytestmark = pytest.mark.cheap_compilation
 
 
 def _loss_and_grads(model, batch, weights):
