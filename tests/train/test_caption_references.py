@@ -4,14 +4,12 @@ task metrics score the image's caption against all of them, with the same number
 pycocoevalcap on those references. The PTB tokenizer needs Java; METEOR is a fake (no JVM
 start-up of the paraphrase table)."""
 
-import io
 import json
 import shutil
 
 import jax
 import numpy as np
 import pytest
-import sentencepiece as spm
 from configs import data as data_config
 from configs import pixelllm as pixelllm_config
 from flax import nnx
@@ -24,6 +22,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from data_pipelines import pipeline
 from data_pipelines.ops import fields
 from data_pipelines.ops.slot import GT_TEXT, SLOT_TEXT, slot
+from data_pipelines.synthetic import tokenizer as word_tokenizer
 from pixelllm import batch as batch_lib
 from pixelllm import sharding
 from pixelllm.evaluators.captioning import CaptioningEvaluator
@@ -118,13 +117,8 @@ def _build_coco_karpathy_val(root):
     import tensorflow_datasets as tfds
 
     texts = [text for refs in REFERENCES.values() for text in refs]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 20), model_writer=model,
-                                   minloglevel=2, num_threads=1, character_coverage=1.0,
-                                   model_type="word", vocab_size=60, hard_vocab_limit=False,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     tokenizer = root / "spiece.model"
-    tokenizer.write_bytes(model.getvalue())
+    tokenizer.write_bytes(word_tokenizer.train(texts * 20, vocab_size=60))
     manual = root / "manual"
     (manual / "val2014").mkdir(parents=True)
     images, sentence_id = [], 0
