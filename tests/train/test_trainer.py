@@ -6,9 +6,11 @@ Every run compiles the tiny model's train step (about a minute on a 2-core CPU),
 uninterrupted run is shared by the tests (module fixture), the interrupted runs are
 subprocesses (they must be killed), and all runs share a persistent compilation cache. All of
 them compile with ``jax_disable_most_optimizations`` (no LLVM optimization of the CPU code:
-about 40% less compile time, for runs of a few steps), in-process and in the subprocesses alike,
-so that the subprocesses find the in-process programs in the cache and the losses compared come
-from the same programs.
+about 40% less compile time, for runs of a few steps), in-process and in the subprocesses alike.
+Losses from different processes are compared to a relative 1e-5, not bit for bit: a process whose
+compilation differs (a cache miss, another XLA thread split of a reduction) moves the gradient
+norm in its seventh digit, while a resume fault (wrong data, optimizer state or schedule step)
+moves the losses in their first few.
 """
 
 import io
@@ -178,6 +180,16 @@ def _losses(workdir: Path, steps) -> dict[int, dict[str, float]]:
             for step in steps}
 
 
+def _assert_same_losses(workdir: Path, reference: Path, steps) -> None:
+    """The logged losses, gradient norm and learning rate of ``steps`` agree in both workdirs."""
+    ours, theirs = _losses(workdir, steps), _losses(reference, steps)
+    for step in steps:
+        assert sorted(ours[step]) == sorted(theirs[step]), step
+        for name, value in ours[step].items():
+            np.testing.assert_allclose(value, theirs[step][name], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"step {step} {name}")
+
+
 def _steps(workdir: Path) -> list[int]:
     return sorted(int(path.name) for path in (workdir / "checkpoints").iterdir()
                   if path.name.isdigit())
@@ -191,10 +203,10 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(
     process.wait()
     assert _steps(workdir) == [2]
     # Before the kill the subprocess reproduced the uninterrupted run's first steps.
-    assert _losses(workdir, [1, 2]) == _losses(uninterrupted, [1, 2])
+    _assert_same_losses(workdir, uninterrupted, [1, 2])
 
     assert trainer.train(make_config(*data), workdir) == STEPS
-    assert _losses(workdir, [3, 4]) == _losses(uninterrupted, [3, 4])
+    _assert_same_losses(workdir, uninterrupted, [3, 4])
     assert _steps(workdir) == [2, 4]
 
 
@@ -206,10 +218,10 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_0(
     release.write_text("")
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
     assert _steps(workdir) == [2, 3]
-    assert _losses(workdir, [1, 2, 3]) == _losses(uninterrupted, [1, 2, 3])
+    _assert_same_losses(workdir, uninterrupted, [1, 2, 3])
 
     assert trainer.train(make_config(*data), workdir) == STEPS
-    assert _losses(workdir, [4]) == _losses(uninterrupted, [4])
+    _assert_same_losses(workdir, uninterrupted, [4])
 
 
 def test_the_workdir_holds_the_config_metrics_and_checkpoints(data, uninterrupted):
