@@ -20,6 +20,8 @@ module                              builder name            configs
 :mod:`.referring_mixture`          ``referring_mixture``   ``uni_flickr``, ``uni_mixed_coco``,
                                                             ``uni_mixed_vg`` (SeqTR files),
                                                             ``merge_coco_img_safe`` (MDETR)
+:mod:`.reason_seg`                  ``reason_seg``          ``reason_seg`` (LISA's ReasonSeg:
+                                                            queries, 0/1/255 mask, explanations)
 ==================================  ======================  ===================================
 
 Conventions shared by all: coordinates normalized to the stored image, x first, boxes
