@@ -22,6 +22,8 @@ module                              builder name            configs
                                                             ``merge_coco_img_safe`` (MDETR)
 :mod:`.reason_seg`                  ``reason_seg``          ``reason_seg`` (LISA's ReasonSeg:
                                                             queries, 0/1/255 mask, explanations)
+:mod:`.panoptic_narrative_grounding`                        ``png_coco`` (F-LMM's layout:
+  builder ``panoptic_narrative_grounding``                  narratives, one mask per phrase)
 ==================================  ======================  ===================================
 
 Conventions shared by all: coordinates normalized to the stored image, x first, boxes
