@@ -118,7 +118,8 @@ class SamMaskDecoder(nnx.Module):
 
     def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array,
                  sparse_prompt_embeddings: jax.Array, dense_prompt_embeddings: jax.Array,
-                 multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+                 multimask_output: bool, sparse_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """Predicts masks for B prompts.
 
         Args:
@@ -127,6 +128,8 @@ class SamMaskDecoder(nnx.Module):
           sparse_prompt_embeddings: ``[B, N, C]`` (N may be 0).
           dense_prompt_embeddings: ``[B, h, w, C]``.
           multimask_output: static; True -> M masks, False -> 1.
+          sparse_mask: optional ``[B, N]`` bool, False on padding prompt tokens (a variable
+            number of text tokens per prompt): no token or pixel attends to them.
 
         Returns:
           ``masks [B, M or 1, 4h, 4w]`` logits and ``iou_pred [B, M or 1]``, float32.
@@ -151,7 +154,9 @@ class SamMaskDecoder(nnx.Module):
         tokens = jnp.concatenate(
             [jnp.broadcast_to(output_tokens.astype(self.dtype), (batch, *output_tokens.shape)),
              sparse], axis=1)
-        hidden, src = self.transformer(image + dense, image_pe, tokens)
+        token_mask = None if sparse_mask is None else jnp.concatenate(
+            [jnp.ones((batch, output_tokens.shape[0]), bool), sparse_mask.astype(bool)], axis=1)
+        hidden, src = self.transformer(image + dense, image_pe, tokens, token_mask=token_mask)
         iou_token_out = hidden[:, 0]
         mask_tokens_out = hidden[:, 1:1 + self.num_mask_tokens]
 

@@ -104,15 +104,15 @@ class TwoWayAttentionBlock(nnx.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array, key_mask: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+                 key_pe: jax.Array, key_mask: jax.Array | None = None,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if self.skip_first_layer_pe:
             # SAM's first block replaces the tokens by their self-attention (no residual): the
             # tokens are their own positional encoding at this point.
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(queries, queries, queries, token_mask)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = queries + self.self_attn(q, q, queries, token_mask)
         queries = self.norm1(queries)
 
         k = keys + key_pe
@@ -120,7 +120,8 @@ class TwoWayAttentionBlock(nnx.Module):
                                                                       key_mask))
         queries = self.norm3(queries + self.mlp(queries))
 
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries,
+                                                                token_mask))
         return queries, keys
 
 
@@ -168,8 +169,8 @@ class TwoWayTransformer(nnx.Module):
             **common)
 
     def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-                 point_embedding: jax.Array, key_mask: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+                 point_embedding: jax.Array, key_mask: jax.Array | None = None,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Runs the stack.
 
         Args:
@@ -178,6 +179,8 @@ class TwoWayTransformer(nnx.Module):
             without the batch axis (``[HW, C]`` / ``[h, w, C]``; a batch of 1 broadcasts).
           point_embedding: tokens ``[B, N, C]``; also used as their positional encoding.
           key_mask: optional ``[B, HW]`` bool; False keys are never attended to (SAM passes none).
+          token_mask: optional ``[B, N]`` bool; False tokens (padding) are never attended to, so
+            the other tokens and the image come out as without them.
 
         Returns:
           ``(queries [B, N, C], keys [B, HW, C])``.
@@ -191,7 +194,8 @@ class TwoWayTransformer(nnx.Module):
                              f"C={self.embedding_dim}], got {point_embedding.shape}")
         queries = point_embedding
         run_layer = remat_lib.remat(
-            lambda layer, queries, keys: layer(queries, keys, point_embedding, key_pe, key_mask),
+            lambda layer, queries, keys: layer(queries, keys, point_embedding, key_pe, key_mask,
+                                               token_mask),
             self.remat)
         for layer in self.layers:
             queries, keys = run_layer(layer, queries, keys)
