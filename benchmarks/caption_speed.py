@@ -124,5 +124,19 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+# A smoke setting for ``benchmarks.run --quick``.
+QUICK = ["--new-tokens", "8", "--batches", "1", "--calls", "2", "--warmup", "1", "--no-nnx-jit"]
+
+
+def table_rows(result: dict) -> list[dict]:
+    """``benchmarks.run``'s rows: images/s and ms per token per path and batch."""
+    rows = []
+    for row in result["rows"]:
+        name = f"{result['new_tokens']}-token caption, {row['path']}, batch {row['batch']}"
+        rows.append(dict(measure=name, value=row["images_per_s"], unit="images/s"))
+        rows.append(dict(measure=name + ", per token", value=row["ms_per_token"], unit="ms"))
+    return rows
+
+
 if __name__ == "__main__":
     main()

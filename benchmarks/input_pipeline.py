@@ -284,5 +284,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+# A smoke setting for ``benchmarks.run --quick``.
+QUICK = ["--threads", "2", "--batch", "4", "--batches", "2", "--records", "4"]
+
+
+def table_rows(result: dict) -> list[dict]:
+    """``benchmarks.run``'s rows: examples/s per reading-thread count at the 384 canvas."""
+    return [dict(measure=f"examples/s, {row['threads']} thread(s), canvas "
+                         f"{result['sizes']['canvas']}", value=row["examples_per_s"],
+                 unit="examples/s") for row in result["rows"]]
+
+
 if __name__ == "__main__":
     main()
