@@ -56,4 +56,9 @@ def remat(fn: F, name: str, *, static_argnums: int | tuple[int, ...] = ()) -> F:
     """
     if check_remat(name) == "none":
         return fn
-    return nnx.remat(fn, policy=remat_policy(name), static_argnums=static_argnums)
+    # graph_updates=False: the blocks only read their parameters, and merging them back into the
+    # caller's Variables fails for frozen ones in the jitted train step (merged from a state
+    # traced by the jit but not by the gradient: "Cannot mutate Param from a different trace
+    # level"). Random-number counters still advance (tested).
+    return nnx.remat(fn, policy=remat_policy(name), static_argnums=static_argnums,
+                     graph_updates=False)

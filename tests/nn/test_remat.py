@@ -77,3 +77,53 @@ def test_outputs_and_gradients_equal_without_remat(name):
     for key in flat:
         np.testing.assert_allclose(flat_remat[key].get_value(), flat[key].get_value(),
                                    rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+class Frozen(nnx.Module):
+    """Two rematerialized blocks (not trained) under a trained head, each block drawing noise
+    from the caller's ``Rngs`` as drop path does."""
+
+    def __init__(self, policy: str):
+        rngs = nnx.Rngs(0)
+        self.blocks = nnx.List([Block(rngs=rngs) for _ in range(2)])
+        self.head = layers.linear(8, 1, axes=("embed", None), rngs=rngs)
+        self.policy = policy
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs) -> jax.Array:
+        def run_block(block, x, rngs):
+            return block(x + jax.random.normal(rngs.dropout(), x.shape), 1.0)
+        run = remat(run_block, self.policy)
+        for block in self.blocks:
+            x = run(block, x, rngs)
+        return self.head(jax.lax.stop_gradient(x))
+
+
+@pytest.mark.parametrize("name", REMAT_POLICIES)
+def test_frozen_blocks_remat_in_a_jitted_split_state_step(name):
+    """As the train step runs the model: parameters split into trained and frozen states, merged
+    inside ``jax.grad`` inside ``jax.jit``, so the frozen blocks' values are traced by the jit
+    only (nnx.remat used to refuse them). Every policy gives the same loss, gradients and noise
+    per block."""
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 5, 8).astype(np.float32))
+
+    def value_and_grads(model):
+        graphdef, trained, frozen = nnx.split(
+            model, nnx.All(nnx.Param, nnx.PathContains("head")), ...)
+
+        @jax.jit
+        def step(trained, frozen):
+            def loss(trained):
+                rngs = nnx.Rngs(dropout=jax.random.key(3))
+                out = nnx.merge(graphdef, trained, frozen)(x, rngs)
+                return jnp.sum(out * out), rngs.dropout.count[...]
+            return jax.value_and_grad(loss, has_aux=True)(trained)
+        return step(trained, frozen)
+
+    (value, draws), grads = value_and_grads(Frozen(name))
+    assert int(draws) == 2  # each block drew its own noise
+    (value_ref, _), grads_ref = value_and_grads(Frozen("none"))
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    flat_ref = dict(nnx.to_flat_state(grads_ref))
+    for key, leaf in dict(nnx.to_flat_state(grads)).items():
+        np.testing.assert_allclose(leaf.get_value(), flat_ref[key].get_value(),
+                                   rtol=1e-5, atol=1e-6, err_msg=str(key))
