@@ -2,7 +2,7 @@
 
     python -m benchmarks.run                                  # every benchmark, full settings
     python -m benchmarks.run --only flop_utilization,memory   # some of them
-    python -m benchmarks.run --only memory --quick --results-dir /tmp/bench   # a smoke run
+    python -m benchmarks.run --only memory --quick --results-dir bench_smoke  # a smoke run
 
 Each benchmark is a module of this package with ``main(argv) -> dict`` (its own CLI), a
 ``QUICK`` argv (a setting that runs in seconds to a minute: a smoke run, not a measurement) and
