@@ -3,7 +3,9 @@
 Checkpoints trained in PyTorch resize position tables with torch's kernels; ``jax.image.resize``
 uses other ones (Keys a=-0.5 cubic, antialias on by default), which changes the numbers. Each
 resize here is a static weight matrix per axis built in numpy and applied with one einsum, so it
-is exact, differentiable and jit-friendly.
+is exact, differentiable and jit-friendly. :func:`window_resize_matrix` builds the bilinear one
+from traced sizes instead (a window of each image onto its own size: one program for every image
+size).
 """
 
 from __future__ import annotations
@@ -82,3 +84,19 @@ def resize_2d(x: jax.Array, out_hw: tuple[int, int], *, mode: str = "cubic",
     """Resizes ``x[..., H, W, C]`` to ``[..., h, w, C]`` (torch bicubic/bilinear, separable)."""
     x = resize_axis(x, x.ndim - 3, out_hw[0], mode=mode, antialias=antialias)
     return resize_axis(x, x.ndim - 2, out_hw[1], mode=mode, antialias=antialias)
+
+
+def window_resize_matrix(start: jax.Array, in_valid: jax.Array, out_valid: jax.Array, *,
+                         in_size: int, out_size: int) -> jax.Array:
+    """``[out_size, in_size]`` float32: torch's bilinear resize (``align_corners=False``, no
+    antialias) of the window ``[start, start + in_valid)`` of an axis onto the first
+    ``out_valid`` outputs; rows past ``out_valid`` are zero. ``start, in_valid, out_valid`` are
+    traced int scalars."""
+    scale = in_valid.astype(jnp.float32) / out_valid.astype(jnp.float32)
+    src = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5, 0.0)
+    low = jnp.floor(src).astype(jnp.int32)
+    frac = src - low
+    high = jnp.where(low < in_valid - 1, low + 1, low)
+    weights = (jax.nn.one_hot(start + low, in_size) * (1.0 - frac)[:, None]
+               + jax.nn.one_hot(start + high, in_size) * frac[:, None])
+    return jnp.where((jnp.arange(out_size) < out_valid)[:, None], weights, 0.0)

@@ -30,6 +30,7 @@ from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
 from pixelllm.encoders.sam import prompt_encoder as prompt_encoder_lib
+from pixelllm.nn.resize import resize_matrix, window_resize_matrix
 
 # SAM normalizes 0-255 RGB with these (segment_anything's Sam.pixel_mean / pixel_std).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -60,6 +61,30 @@ def normalize(images: jax.Array, padding_mask: jax.Array | None = None) -> jax.A
     if padding_mask is not None:
         out = jnp.where(padding_mask[..., None], out, 0.0)
     return out
+
+
+def postprocess_masks(low_res: jax.Array, *, input_size: int, resized_hw: jax.Array,
+                      original_hw: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """LISA's (SAM's) ``postprocess_masks``: bilinear to ``input_size`` (SAM's canvas, 1024),
+    crop to the resized image ``resized_hw``, bilinear to ``original_hw`` (torch
+    ``F.interpolate``, ``align_corners=False``).
+
+    ``low_res [B, M, h, w]``, ``resized_hw, original_hw: int [B, 2]`` -> float32
+    ``[B, M, *out_hw]`` with the image on ``[:H0, :W0]`` and zeros past it (``out_hw`` static, at
+    least every ``original_hw``). The three steps are linear per axis, so each axis is one
+    ``[out, h]`` matrix per image.
+    """
+    low_res = low_res.astype(jnp.float32)
+    height, width = low_res.shape[-2:]
+    axes = []
+    for axis, (low, out) in enumerate(((height, out_hw[0]), (width, out_hw[1]))):
+        upscale = jnp.asarray(resize_matrix(low, input_size, "linear", False), jnp.float32)
+        crop = jax.vmap(lambda valid, size: window_resize_matrix(
+            0, valid, size, in_size=input_size, out_size=out))(
+            resized_hw[:, axis], original_hw[:, axis])
+        axes.append(jnp.einsum("boi,il->bol", crop, upscale, precision=jax.lax.Precision.HIGHEST))
+    return jnp.einsum("bYh,bmhw,bXw->bmYX", axes[0], low_res, axes[1],
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 class Sam(nnx.Module):

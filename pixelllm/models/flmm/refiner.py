@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelllm.encoders.sam.sam import Sam
-from pixelllm.models.lisa.lisa import postprocess_masks
+from pixelllm.encoders.sam.sam import Sam, postprocess_masks
 from pixelllm.nn import layers
-from pixelllm.nn.resize import resize_matrix
+from pixelllm.nn.resize import resize_matrix, window_resize_matrix
 
 # F-LMM thresholds the upsampled coarse probabilities at this to read the box.
 BOX_THRESHOLD = 0.5
@@ -43,22 +42,6 @@ BOX_THRESHOLD = 0.5
 MAX_PAD_LOGIT = -1.0
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def window_resize_matrix(start: jax.Array, in_valid: jax.Array, out_valid: jax.Array, *,
-                         in_size: int, out_size: int) -> jax.Array:
-    """``[out_size, in_size]`` float32: torch's bilinear resize (``align_corners=False``, no
-    antialias) of the window ``[start, start + in_valid)`` of an axis onto the first
-    ``out_valid`` outputs; rows past ``out_valid`` are zero. ``start, in_valid, out_valid`` are
-    traced int scalars."""
-    scale = in_valid.astype(jnp.float32) / out_valid.astype(jnp.float32)
-    src = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5, 0.0)
-    low = jnp.floor(src).astype(jnp.int32)
-    frac = src - low
-    high = jnp.where(low < in_valid - 1, low + 1, low)
-    weights = (jax.nn.one_hot(start + low, in_size) * (1.0 - frac)[:, None]
-               + jax.nn.one_hot(start + high, in_size) * frac[:, None])
-    return jnp.where((jnp.arange(out_size) < out_valid)[:, None], weights, 0.0)
 
 
 def _window_matrices(window: jax.Array, out_hw: jax.Array, *, in_hw: tuple[int, int],

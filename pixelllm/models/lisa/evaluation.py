@@ -3,7 +3,7 @@ RefCOCO, as LISA's ``train_ds.py`` ``validate()`` computes them.
 
 Each validation sample (:mod:`data_pipelines.lisa_inputs`, LISA's ``ValDataset``) holds the
 question teacher-forced with the answer ``[SEG].``; the model's mask logits, post-processed to
-the original resolution (:func:`~pixelllm.models.lisa.lisa.postprocess_masks`), are thresholded
+the original resolution (:func:`~pixelllm.encoders.sam.sam.postprocess_masks`), are thresholded
 at ``> 0`` and scored by :class:`~pixelllm.evaluators.reason_seg.ReasonSegEvaluator` (255 pixels
 of the ground truth ignored; mask ids ``"<image id>/<query index>"``, RefCOCO
 ``"<image id>/<expression id>"``).

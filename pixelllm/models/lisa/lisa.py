@@ -44,11 +44,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelllm.encoders.sam.sam import Sam
+from pixelllm.encoders.sam.sam import Sam, postprocess_masks
 from pixelllm.language.interface import LanguageModel
 from pixelllm.nn import layers
 from pixelllm.nn import lora
-from pixelllm.nn.resize import resize_matrix
 
 # The language model's token tables, trained whole in LISA (paths under `language_model`).
 TOKEN_TABLES = ("embedding", "lm_head")
@@ -117,44 +116,6 @@ def seg_slots(tokens: jax.Array, token_mask: jax.Array, *, seg_token_id: int,
     index = jax.vmap(lambda row: jnp.nonzero(row, size=max_masks, fill_value=0)[0])(flat)
     valid = jnp.arange(max_masks)[None] < flat.sum(axis=-1, keepdims=True)
     return index.astype(jnp.int32), valid
-
-
-def _crop_resize_matrix(in_valid: jax.Array, out_valid: jax.Array, in_size: int,
-                        out_size: int) -> jax.Array:
-    """``[out_size, in_size]`` float32: torch's bilinear (``align_corners=False``, no antialias)
-    resize of the first ``in_valid`` entries to ``out_valid`` outputs; rows past ``out_valid``
-    are zero. Sizes are traced scalars, so one compiled program serves every image size."""
-    scale = in_valid.astype(jnp.float32) / out_valid.astype(jnp.float32)
-    src = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5, 0.0)
-    low = jnp.floor(src).astype(jnp.int32)
-    frac = src - low
-    high = jnp.where(low < in_valid - 1, low + 1, low)
-    weights = (jax.nn.one_hot(low, in_size) * (1.0 - frac)[:, None]
-               + jax.nn.one_hot(high, in_size) * frac[:, None])
-    return jnp.where((jnp.arange(out_size) < out_valid)[:, None], weights, 0.0)
-
-
-def postprocess_masks(low_res: jax.Array, *, input_size: int, resized_hw: jax.Array,
-                      original_hw: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-    """LISA's (SAM's) ``postprocess_masks``: bilinear to ``input_size`` (SAM's canvas, 1024),
-    crop to the resized image ``resized_hw``, bilinear to ``original_hw`` (torch
-    ``F.interpolate``, ``align_corners=False``).
-
-    ``low_res [B, M, h, w]``, ``resized_hw, original_hw: int [B, 2]`` -> float32
-    ``[B, M, *out_hw]`` with the image on ``[:H0, :W0]`` and zeros past it (``out_hw`` static, at
-    least every ``original_hw``). The three steps are linear per axis, so each axis is one
-    ``[out, h]`` matrix per image.
-    """
-    low_res = low_res.astype(jnp.float32)
-    height, width = low_res.shape[-2:]
-    axes = []
-    for axis, (low, out) in enumerate(((height, out_hw[0]), (width, out_hw[1]))):
-        upscale = jnp.asarray(resize_matrix(low, input_size, "linear", False), jnp.float32)
-        crop = jax.vmap(lambda valid, size: _crop_resize_matrix(valid, size, input_size, out))(
-            resized_hw[:, axis], original_hw[:, axis])
-        axes.append(jnp.einsum("boi,il->bol", crop, upscale, precision=jax.lax.Precision.HIGHEST))
-    return jnp.einsum("bYh,bmhw,bXw->bmYX", axes[0], low_res, axes[1],
-                      precision=jax.lax.Precision.HIGHEST)
 
 
 class Lisa(nnx.Module):

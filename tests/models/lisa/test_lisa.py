@@ -46,7 +46,7 @@ def test_postprocess_masks_matches_torch(low, resized, original):
                              align_corners=False)[..., :resized[0], :resized[1]]
     expected = F.interpolate(expected, original, mode="bilinear", align_corners=False).numpy()
     out_hw = (original[0] + 3, original[1] + 5)
-    ours = lisa_lib.postprocess_masks(jnp.asarray(low_res), input_size=size,
+    ours = sam_lib.postprocess_masks(jnp.asarray(low_res), input_size=size,
                                       resized_hw=jnp.asarray([resized]),
                                       original_hw=jnp.asarray([original]), out_hw=out_hw)
     assert ours.shape == (1, 2, *out_hw)
