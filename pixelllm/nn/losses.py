@@ -147,6 +147,15 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     return _weighted(_elementwise_focal(logits, targets, alpha, gamma), weights, jnp.sum(weights))
 
 
+def pixel_valid_mask(image_hw: jax.Array, mask_hw: tuple[int, int]) -> jax.Array:
+    """Which pixels of masks padded at the bottom and right hold the image: ``image_hw int
+    [B, 2]`` ``(h, w)`` -> bool ``[B, H, W]``, True on ``[:h, :w]`` (the ``pixel_valid`` of the
+    mask losses)."""
+    rows = jnp.arange(mask_hw[0])[None, :, None] < image_hw[:, 0, None, None]
+    cols = jnp.arange(mask_hw[1])[None, None, :] < image_hw[:, 1, None, None]
+    return rows & cols
+
+
 def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
                 weights: jax.Array, predicted_iou: jax.Array, *, focal_alpha: float = 0.5,
                 focal_gamma: float = 2.0,

@@ -155,6 +155,15 @@ def test_mask_losses_hand_values():
                                (0.8 - 2 / 3) ** 2 + 2 * (0.25 - iou2) ** 2, rtol=1e-5)
 
 
+def test_pixel_valid_mask_marks_each_image_top_left_block():
+    valid = np.asarray(losses.pixel_valid_mask(jnp.asarray([[3, 2], [4, 4], [0, 4]]), (4, 5)))
+    assert valid.shape == (3, 4, 5)
+    expected = np.zeros((3, 4, 5), bool)
+    expected[0, :3, :2] = True
+    expected[1, :4, :4] = True
+    np.testing.assert_array_equal(valid, expected)
+
+
 def test_mask_losses_gradients_finite_and_iou_target_is_constant():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.standard_normal((2, 4, 4)) * 30, jnp.float32)

@@ -26,8 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pixelllm.models.lisa.objective import pixel_valid_mask
-from pixelllm.nn.losses import LossValue
+from pixelllm.nn.losses import LossValue, pixel_valid_mask
 
 DICE_EPS = 1.0
 # mmdet's weight_reduce_loss divides by `avg_factor + finfo(float32).eps`.

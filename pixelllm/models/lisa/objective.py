@@ -83,20 +83,13 @@ def mask_dice(masks: jax.Array, targets: jax.Array, pixel_valid: jax.Array,
     return _over_masks(per_mask, mask_valid.astype(bool))
 
 
-def pixel_valid_mask(original_hw: jax.Array, mask_hw: tuple[int, int]) -> jax.Array:
-    """``original_hw int [B, 2]`` -> bool ``[B, H, W]``, True on ``[:h, :w]``."""
-    rows = jnp.arange(mask_hw[0])[None, :, None] < original_hw[:, 0, None, None]
-    cols = jnp.arange(mask_hw[1])[None, None, :] < original_hw[:, 1, None, None]
-    return rows & cols
-
-
 def lisa_losses(*, logits: jax.Array, tokens: jax.Array, label_mask: jax.Array,
                 masks: jax.Array, mask_valid: jax.Array, target_masks: jax.Array,
                 original_hw: jax.Array) -> dict[str, LossValue]:
     """The three unweighted terms ``{"ce", "bce", "dice"}`` of a batch: ``logits [B, C, L, V]``,
     ``tokens, label_mask [B, C, L]``, ``masks, target_masks [B, M, H, W]``, ``mask_valid [B, M]``,
     ``original_hw [B, 2]``."""
-    pixel_valid = pixel_valid_mask(original_hw, masks.shape[-2:])
+    pixel_valid = losses.pixel_valid_mask(original_hw, masks.shape[-2:])
     return {"ce": text_loss(logits, tokens, label_mask),
             "bce": mask_bce(masks, target_masks, pixel_valid, mask_valid),
             "dice": mask_dice(masks, target_masks, pixel_valid, mask_valid)}

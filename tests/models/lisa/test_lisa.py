@@ -16,6 +16,7 @@ from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language import decoder
 from pixelllm.models.lisa import lisa as lisa_lib
 from pixelllm.models.lisa import objective
+from pixelllm.nn import losses
 from pixelllm.nn.lora import LoRASettings
 
 
@@ -57,7 +58,7 @@ def test_postprocess_masks_matches_torch(low, resized, original):
 
 def test_mask_losses_without_masks_are_zero():
     masks = jnp.ones((2, 3, 8, 8)) * 5.0
-    valid_pixels = objective.pixel_valid_mask(jnp.asarray([[8, 8], [4, 6]]), (8, 8))
+    valid_pixels = losses.pixel_valid_mask(jnp.asarray([[8, 8], [4, 6]]), (8, 8))
     none = jnp.zeros((2, 3), bool)
     assert float(objective.mask_bce(masks, masks, valid_pixels, none).mean()) == 0.0
     assert float(objective.mask_dice(masks, masks, valid_pixels, none).mean()) == 0.0
