@@ -5,53 +5,19 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
-from segment_anything.modeling import Sam as TorchSam
-from segment_anything.modeling import TwoWayTransformer
 
 from configs import sam as sam_config
 from pixelllm import sharding
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.encoders.sam import sam
 from pixelllm.nn import abstract
+from tests import segment_anything_reference
 
 TINY = sam_config.get_config("tiny").model
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (torch zero-initializes tables, norms and tokens)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return module.eval()
-
-
-def _torch_sam(depth: int = TINY.image_encoder.depth) -> TorchSam:
-    enc, dec = TINY.image_encoder, TINY.mask_decoder
-    grid = enc.img_size // enc.patch_size
-    model = TorchSam(
-        image_encoder=ImageEncoderViT(
-            img_size=enc.img_size, patch_size=enc.patch_size, embed_dim=enc.embed_dim, depth=depth,
-            num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio, out_chans=enc.out_chans,
-            qkv_bias=True, use_rel_pos=True, window_size=enc.window_size,
-            global_attn_indexes=tuple(enc.global_attn_indexes),
-            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
-        prompt_encoder=PromptEncoder(
-            embed_dim=TINY.prompt_encoder.embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(enc.img_size, enc.img_size),
-            mask_in_chans=TINY.prompt_encoder.mask_in_chans),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=dec.transformer_dim,
-            transformer=TwoWayTransformer(depth=dec.transformer_depth,
-                                          embedding_dim=dec.transformer_dim,
-                                          num_heads=dec.transformer_heads,
-                                          mlp_dim=dec.transformer_mlp_dim),
-            iou_head_depth=3, iou_head_hidden_dim=dec.iou_head_hidden_dim))
-    return _randomize(model, seed=0)
+def _torch_sam(depth: int | None = None):
+    return segment_anything_reference.torch_sam(TINY, depth=depth)
 
 
 def _inputs():
@@ -62,7 +28,7 @@ def _inputs():
     return pixels, boxes
 
 
-def _torch_predict(model: TorchSam, pixels, boxes, multimask: bool):
+def _torch_predict(model, pixels, boxes, multimask: bool):
     """segment_anything decodes one image at a time (its batch axis holds the prompts)."""
     masks, ious = [], []
     with torch.no_grad():
@@ -113,7 +79,7 @@ def test_sam_parity_with_transformers_through_a_saved_folder(tmp_path):
             hidden_size=dec.transformer_dim, mlp_dim=dec.transformer_mlp_dim,
             num_attention_heads=dec.transformer_heads, iou_head_hidden_dim=dec.iou_head_hidden_dim))
     torch.manual_seed(0)
-    reference = _randomize(SamModel(config), seed=1)
+    reference = segment_anything_reference.randomize(SamModel(config), seed=1)
     # HF ties the prompt encoder's Fourier matrix to the top-level shared one.
     with torch.no_grad():
         reference.prompt_encoder.shared_embedding.positional_embedding.copy_(

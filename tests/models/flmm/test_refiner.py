@@ -10,9 +10,6 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
-from segment_anything.modeling import Sam as TorchSam
-from segment_anything.modeling import TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from configs import sam as sam_config
@@ -22,6 +19,7 @@ from pixelllm.models.flmm import objective
 from pixelllm.models.flmm.flmm import FlmmHead, FlmmHeadInputs, coarse_window
 from pixelllm.models.flmm.mask_head import UNetMaskHead
 from pixelllm.models.flmm.refiner import SamRefiner, box_from_mask
+from tests import segment_anything_reference
 
 pytestmark = pytest.mark.cheap_compilation
 
@@ -54,35 +52,6 @@ def lmm_geometry(hw):
     """LLaVA's expand-to-square: the resized image and its centred padding in the canvas."""
     image = resized_hw(hw, LMM_CANVAS)
     return image, [(LMM_CANVAS - image[0]) // 2, (LMM_CANVAS - image[1]) // 2]
-
-
-def torch_sam():
-    enc, dec = SAM.image_encoder, SAM.mask_decoder
-    grid = enc.img_size // enc.patch_size
-    model = TorchSam(
-        image_encoder=ImageEncoderViT(
-            img_size=enc.img_size, patch_size=enc.patch_size, embed_dim=enc.embed_dim,
-            depth=enc.depth, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
-            out_chans=enc.out_chans, qkv_bias=True, use_rel_pos=True,
-            window_size=enc.window_size, global_attn_indexes=tuple(enc.global_attn_indexes),
-            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
-        prompt_encoder=PromptEncoder(
-            embed_dim=SAM.prompt_encoder.embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(enc.img_size, enc.img_size),
-            mask_in_chans=SAM.prompt_encoder.mask_in_chans),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=dec.transformer_dim,
-            transformer=TwoWayTransformer(depth=dec.transformer_depth,
-                                          embedding_dim=dec.transformer_dim,
-                                          num_heads=dec.transformer_heads,
-                                          mlp_dim=dec.transformer_mlp_dim),
-            iou_head_depth=3, iou_head_hidden_dim=dec.iou_head_hidden_dim))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.2 * noise if p.ndim == 1 and name.endswith("weight") else 0.2 * noise)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -231,7 +200,7 @@ def sam_loss_and_outputs(head, coarse_offset, inputs, targets):
 @pytest.fixture(scope="module")
 def run():
     """One compiled forward and backward, shared by the tests below."""
-    sam_torch = torch_sam()
+    sam_torch = segment_anything_reference.torch_sam(SAM, seed=0)
     head = our_head(sam_torch)
     inputs, targets = example()
     offset = jnp.zeros((len(TOKEN_COUNTS), len(TOKEN_COUNTS[0]), 16, 16), jnp.float32)

@@ -14,9 +14,6 @@ import torch
 import torch.nn.functional as F
 import transformers
 from flax import nnx
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
-from segment_anything.modeling import Sam as TorchSam
-from segment_anything.modeling import TwoWayTransformer
 
 from configs import sam as sam_config
 from pixelllm.encoders.sam import sam as sam_lib
@@ -24,6 +21,7 @@ from pixelllm.language import decoder
 from pixelllm.models.lisa import lisa as lisa_lib
 from pixelllm.models.lisa import objective
 from pixelllm.nn.lora import LoRASettings
+from tests import segment_anything_reference
 
 SAM = sam_config.get_config("tiny").model
 BASE_VOCAB, SEG = 63, 63            # [SEG] is the one token row added to a 63-token vocabulary
@@ -51,31 +49,7 @@ def patchify(pixels):
 
 
 def torch_sam():
-    enc, dec = SAM.image_encoder, SAM.mask_decoder
-    grid = enc.img_size // enc.patch_size
-    model = TorchSam(
-        image_encoder=ImageEncoderViT(
-            img_size=enc.img_size, patch_size=enc.patch_size, embed_dim=enc.embed_dim,
-            depth=enc.depth, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
-            out_chans=enc.out_chans, qkv_bias=True, use_rel_pos=True,
-            window_size=enc.window_size, global_attn_indexes=tuple(enc.global_attn_indexes),
-            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
-        prompt_encoder=PromptEncoder(
-            embed_dim=SAM.prompt_encoder.embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(enc.img_size, enc.img_size),
-            mask_in_chans=SAM.prompt_encoder.mask_in_chans),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=dec.transformer_dim,
-            transformer=TwoWayTransformer(depth=dec.transformer_depth,
-                                          embedding_dim=dec.transformer_dim,
-                                          num_heads=dec.transformer_heads,
-                                          mlp_dim=dec.transformer_mlp_dim),
-            iou_head_depth=3, iou_head_hidden_dim=dec.iou_head_hidden_dim))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if p.ndim == 1 and name.endswith("weight")
-                    else 0.2 * torch.randn_like(p))
-    return model.eval()
+    return segment_anything_reference.torch_sam(SAM, seed=0)
 
 
 def torch_llama():

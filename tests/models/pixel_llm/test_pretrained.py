@@ -11,9 +11,6 @@ import safetensors.numpy
 import torch
 from configs import pixelllm as pixelllm_config
 from flax import nnx
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
-from segment_anything.modeling import Sam as TorchSam
-from segment_anything.modeling import TwoWayTransformer
 from timm.models.eva import Eva
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, pre_tokenizers
@@ -26,6 +23,7 @@ from pixelllm.language import decoder, t5
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 from pixelllm.models.pixel_llm.pretrained import load_pretrained
 from pixelllm.nn import abstract
+from tests import segment_anything_reference
 
 
 def _randomized(module, seed):
@@ -41,26 +39,8 @@ def _numpy(module):
 
 
 def _sam_state(config):
-    enc, dec = config.sam.image_encoder, config.sam.mask_decoder
-    grid = enc.pretrain_img_size // enc.patch_size
-    return _numpy(_randomized(TorchSam(
-        image_encoder=ImageEncoderViT(
-            img_size=enc.pretrain_img_size, patch_size=enc.patch_size, embed_dim=enc.embed_dim,
-            depth=enc.depth, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
-            out_chans=enc.out_chans, qkv_bias=True, use_rel_pos=True,
-            window_size=enc.window_size, global_attn_indexes=tuple(enc.global_attn_indexes),
-            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
-        prompt_encoder=PromptEncoder(
-            embed_dim=config.sam.prompt_encoder.embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(enc.pretrain_img_size,) * 2,
-            mask_in_chans=config.sam.prompt_encoder.mask_in_chans),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=dec.transformer_dim,
-            transformer=TwoWayTransformer(depth=dec.transformer_depth,
-                                          embedding_dim=dec.transformer_dim,
-                                          num_heads=dec.transformer_heads,
-                                          mlp_dim=dec.transformer_mlp_dim),
-            iou_head_depth=3, iou_head_hidden_dim=dec.iou_head_hidden_dim)), seed=1))
+    return _numpy(segment_anything_reference.torch_sam(
+        config.sam, img_size=config.sam.image_encoder.pretrain_img_size, seed=1))
 
 
 def _eva02_state(config):
