@@ -187,6 +187,21 @@ def _train_sources(variant: str, sizes: dict) -> list[dict]:
             "ref_official": refer_official, "refseg_official": refseg_official}[variant]
 
 
+# The frame of referring segmentation's original-size ground-truth masks (the batch's
+# original_masks): COCO's largest image side.
+ORIGINAL_MASKS_SIDE = 640
+
+
+def evaluation_chain(ops: list[dict], *, task: str, sizes: dict) -> tuple[list[dict], dict]:
+    """``(ops, sizes)`` of an evaluation source: ``evaluation_metadata`` right after decode (op
+    0) for the task metrics' image id and original size, and for a task that segments the
+    original-size ground-truth masks (``original_masks`` = :data:`ORIGINAL_MASKS_SIDE`)."""
+    if "mask" not in tasks.get(task).losses:
+        return [ops[0], {"op": "evaluation_metadata"}, *ops[1:]], sizes
+    metadata = {"op": "evaluation_metadata", "original_masks": ORIGINAL_MASKS_SIDE}
+    return [ops[0], metadata, *ops[1:]], {**sizes, "original_masks": ORIGINAL_MASKS_SIDE}
+
+
 def _eval_sources(variant: str, sizes: dict) -> list[dict]:
     """Evaluation sources, each with its own sizes and batch size: evaluation scores every
     expression and every described object, so a source gets as many slots as its images can
@@ -198,8 +213,7 @@ def _eval_sources(variant: str, sizes: dict) -> list[dict]:
         source_sizes = {**sizes, "slots": sizes["slots"] if smoke else slots}
         entry = _source(name, builder, split, task, sizes=source_sizes, train=False,
                         augment="none")
-        # The image id and original size, for the task metrics (after decode, op 0).
-        ops = [entry["ops"][0], {"op": "evaluation_metadata"}, *entry["ops"][1:]]
+        ops, source_sizes = evaluation_chain(entry["ops"], task=task, sizes=source_sizes)
         return {**entry, "ops": ops, "sizes": source_sizes,
                 "batch_size": 4 if smoke else batch_size}
 

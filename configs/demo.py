@@ -100,13 +100,13 @@ def _data(config: ml_collections.ConfigDict, *, batch_size: int, eval_batch_size
     eval_sizes = dict(SIZES, slots=EVAL_SLOTS)
     data.eval = []
     for name, builder, task, _, _ in TRAIN_SOURCES:
-        ops = data_config.source_ops(task=task, train=False, sizes=eval_sizes, augment="none")
+        ops, sizes = data_config.evaluation_chain(
+            data_config.source_ops(task=task, train=False, sizes=eval_sizes, augment="none"),
+            task=task, sizes=eval_sizes)
         data.eval.append({
             "name": f"{name}_{HELD_OUT_SPLIT[builder]}", "builder": builder,
-            "split": HELD_OUT_SPLIT[builder], "task": task, "weight": 1.0,
-            # The image id and original size for the task metrics (after decode, op 0).
-            "ops": [ops[0], {"op": "evaluation_metadata"}, *ops[1:]],
-            "sizes": eval_sizes, "batch_size": eval_batch_size})
+            "split": HELD_OUT_SPLIT[builder], "task": task, "weight": 1.0, "ops": ops,
+            "sizes": sizes, "batch_size": eval_batch_size})
 
 
 def _prompts(task: str) -> list[str] | None:

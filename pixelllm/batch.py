@@ -47,6 +47,11 @@ image_id            int64 [B]                the record's ``image/id``: its inte
                                              a 63-bit hash of a non-numeric id; 0 on padding
 original_wh         int32 [B, 2]             (width, height) of the stored image before any
                                              resize; 0 on padding examples
+original_masks      bool [B, S, M, M]        each slot's referring mask at the original size,
+                                             in the top-left ``height x width`` corner of an
+                                             ``M x M`` zero frame (the ground truth the official
+                                             RefCOCO evaluator decodes at original size); only
+                                             where ``Sizes.original_masks`` (M) > 0
 ==================  =======================  =================================================
 
 Checks: :func:`validate` (keys, dtype kinds, ranks, agreeing sizes; shapes and dtypes only, so
@@ -85,6 +90,7 @@ GT_TEXT_TOKENS = "gt_text_tokens"
 GT_TEXT_MASK = "gt_text_mask"
 IMAGE_ID = "image_id"
 ORIGINAL_WH = "original_wh"
+ORIGINAL_MASKS = "original_masks"
 
 # The loss masks of the contract, by the loss names of the task table (pixelllm/tasks.py).
 LOSS_MASKS = {"text": TASK_TEXT, "points": TASK_POINTS, "box": TASK_BOX, "mask": TASK_MASK,
@@ -131,7 +137,10 @@ SPEC: dict[str, Field] = {
 EVALUATION_SPEC: dict[str, Field] = {
     IMAGE_ID: Field(np.dtype(np.int64), ("B",)),
     ORIGINAL_WH: Field(_I32, ("B", "2")),
+    ORIGINAL_MASKS: Field(_BOOL, ("B", "S", "M", "M")),
 }
+# Evaluation-only keys a pipeline has only when its sizes ask for them (Sizes.original_masks).
+OPTIONAL_EVALUATION_KEYS = (ORIGINAL_MASKS,)
 
 # The per-slot keys ([B, S, ...]): what a model may rebuild per slot (dense captioning).
 SLOT_KEYS = tuple(key for key, field in SPEC.items() if field.axes[:2] == ("B", "S"))
@@ -148,6 +157,9 @@ class Sizes:
       text_length: L, text tokens per slot (and per ground-truth object).
       points_per_token: K, trace target points per token.
       objects: G, ground-truth objects per image (dense captioning).
+      original_masks: M, the side of the evaluation-only ``original_masks`` frame (at least
+        every original image side; COCO's largest is 640); 0: no such key (evaluation sources
+        of tasks without masks, and training).
     """
 
     canvas: int = 384
@@ -156,6 +168,7 @@ class Sizes:
     text_length: int = 128
     points_per_token: int = 2
     objects: int = 100
+    original_masks: int = 0
 
     def axes(self) -> dict[str, int]:
         """Axis name -> size, for every axis of :data:`SPEC` but B."""
@@ -170,9 +183,13 @@ def _shape(axes: tuple[str, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
 def example_spec(sizes: Sizes, *, evaluation: bool = False
                  ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``key -> (shape, dtype)`` of one example (a batch without its leading B axis); with
-    ``evaluation``, the evaluation-only keys (:data:`EVALUATION_SPEC`) too."""
-    named = sizes.axes()
-    fields = {**SPEC, **EVALUATION_SPEC} if evaluation else SPEC
+    ``evaluation``, the evaluation-only keys (:data:`EVALUATION_SPEC`) too, ``original_masks``
+    only where ``sizes.original_masks`` > 0."""
+    named = {**sizes.axes(), "M": sizes.original_masks}
+    fields = dict(SPEC)
+    if evaluation:
+        fields.update({key: field for key, field in EVALUATION_SPEC.items()
+                       if key not in OPTIONAL_EVALUATION_KEYS or sizes.original_masks > 0})
     return {key: (_shape(field.axes[1:], named), field.dtype) for key, field in fields.items()}
 
 

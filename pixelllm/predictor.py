@@ -5,7 +5,10 @@
 size; each is resized and padded onto the model's canvas exactly as the evaluation data
 pipeline does (``resize_and_pad``: longest side to the canvas, bilinear, zero padding bottom and
 right), and every coordinate goes in and out in the user's image pixels (``(x, y)``, boxes
-``(x0, y0, x1, y1)``, pixel ``i`` covering ``[i, i+1)``, the README's conventions).
+``(x0, y0, x1, y1)``, pixel ``i`` covering ``[i, i+1)``, the README's conventions). Masks come
+back at the user's image size, made from SAM's logits as the official RefCOCO evaluator makes
+them (:func:`~pixelllm.evaluators.refcoco.mask_logits_to_original`), on the host: any image
+size runs on the same compiled program.
 
 **No recompilation per image.** A call's images are split into chunks of at most ``max_batch``
 and each chunk is padded to the next batch bucket (powers of two up to ``max_batch``); prompts
@@ -40,6 +43,7 @@ from data_pipelines.ops import fields, geometry
 from data_pipelines.ops.resize_and_pad import fit_size
 from data_pipelines.ops.tokenize import Encoder
 from pixelllm import overlay, tasks
+from pixelllm.evaluators.refcoco import mask_logits_to_original
 from pixelllm.language.tokenizer import Tokenizer, load_tokenizer
 from pixelllm.models.pixel_llm import inference
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
@@ -94,15 +98,12 @@ class CanvasFrame:
         return self.points_from_canvas(boxes.reshape(*boxes.shape[:-1], 2, 2)).reshape(
             boxes.shape)
 
-    def mask_from_canvas(self, mask: np.ndarray) -> np.ndarray:
-        """``[C, C]`` bool canvas mask -> ``[height, width]`` bool: each user pixel takes the
-        canvas pixel under its centre (nearest neighbour, the coordinates' pixel-edge map)."""
-        valid_w, valid_h = self.valid_wh
-        rows = np.minimum(((np.arange(self.height) + 0.5) * valid_h / self.height).astype(int),
-                          valid_h - 1)
-        cols = np.minimum(((np.arange(self.width) + 0.5) * valid_w / self.width).astype(int),
-                          valid_w - 1)
-        return np.asarray(mask, bool)[rows[:, None], cols[None, :]]
+    def mask_from_logits(self, logits: np.ndarray, *, canvas: int) -> np.ndarray:
+        """SAM's ``[h, w]`` mask logits over the ``canvas``-pixel canvas -> ``[height, width]``
+        bool, as the official evaluator makes masks (bilinear from the logits of the image's
+        area, ``logit > 0``: :func:`~pixelllm.evaluators.refcoco.mask_logits_to_original`)."""
+        return mask_logits_to_original(np.asarray(logits)[None], valid_wh=self.valid_wh,
+                                       canvas=canvas, original_wh=(self.width, self.height))[0]
 
 
 def place_on_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, CanvasFrame]:
@@ -513,7 +514,8 @@ class Predictor:
             frame = request.frame
             results.append(Localization(
                 expression=expression, box=frame.boxes_from_canvas(out.boxes[0]),
-                mask=None if out.masks is None else frame.mask_from_canvas(out.masks[0]),
+                mask=None if out.mask_logits is None else frame.mask_from_logits(
+                    out.mask_logits[0], canvas=self.canvas),
                 mask_score=None if out.mask_scores is None else float(out.mask_scores[0])))
         return results
 

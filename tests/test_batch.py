@@ -1,6 +1,8 @@
 """Tests for pixelllm/batch.py: the spec derived from one table, and the checks that refuse a
 batch naming the key."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +97,13 @@ def test_checker_validates_structure_once_per_signature_and_tokens_every_time(mo
         checker({key: np.zeros(shape, dtype) for key, (shape, dtype) in other.items()})
     with pytest.raises(batch_lib.BatchError, match="must be bool"):
         checker({**_batch(), "slot_mask": np.ones((2, 3), np.float32)})
+
+
+def test_original_masks_are_in_the_evaluation_spec_only_when_sized():
+    evaluation = batch_lib.example_spec(SIZES, evaluation=True)
+    assert set(evaluation) - set(batch_lib.SPEC) == {batch_lib.IMAGE_ID, batch_lib.ORIGINAL_WH}
+    framed = batch_lib.example_spec(dataclasses.replace(SIZES, original_masks=7),
+                                    evaluation=True)
+    assert framed[batch_lib.ORIGINAL_MASKS] == ((3, 7, 7), np.dtype(bool))
+    assert batch_lib.ORIGINAL_MASKS not in batch_lib.example_spec(
+        dataclasses.replace(SIZES, original_masks=7))

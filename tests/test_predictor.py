@@ -25,6 +25,7 @@ from data_pipelines.ops.resize_and_pad import resize_and_pad
 from data_pipelines.ops.tokenize import Encoder
 from pixelllm import predictor as predictor_lib
 from pixelllm import tasks
+from pixelllm.evaluators.refcoco import mask_logits_to_original
 from pixelllm.models.pixel_llm import inference
 from pixelllm.train import trained_set, trainer
 from pixelllm.train.checkpointing import Checkpointer
@@ -203,12 +204,12 @@ def test_every_task_equals_its_inference_entry(run, predictor):
         np.testing.assert_allclose(box_only.box, user_box, atol=1e-4)
         np.testing.assert_allclose(with_mask.box, user_box, atol=1e-4)
         assert box_only.mask is None and with_mask.expression == expressions[i]
-        valid_w, valid_h = valid_wh[i].astype(int)
         height, width = images[i].shape[:2]
-        # Nearest neighbour from the valid canvas area: user pixel centre -> canvas pixel.
-        rows = np.floor((np.arange(height) + 0.5) * valid_h / height).astype(int)
-        cols = np.floor((np.arange(width) + 0.5) * valid_w / width).astype(int)
-        np.testing.assert_array_equal(with_mask.mask, out.masks[i, 0][rows][:, cols])
+        # The official route: SAM's logits of the image's area, bilinear to the user's size.
+        assert with_mask.mask.shape == (height, width) and with_mask.mask.dtype == bool
+        np.testing.assert_array_equal(with_mask.mask, mask_logits_to_original(
+            out.mask_logits[i, :1], valid_wh=valid_wh[i], canvas=predictor.canvas,
+            original_wh=(width, height))[0])
         np.testing.assert_allclose(with_mask.mask_score, out.mask_scores[i, 0], rtol=1e-5)
 
     for i, answer in enumerate(predictor.answer(images, questions)):

@@ -12,6 +12,9 @@ image, (x, y) from the top left, boxes xyxy (the project convention).
 ``context``                 str: the task prompt of a whole-image task (trace, caption)
 ``objects/box``             float32 ``[N, 4]``
 ``objects/mask``            bool ``[N, h, w]`` (referring segmentation sources)
+``objects/original_mask``   bool ``[N, M, M]``: ``objects/mask`` as decoded, at the original
+                            size in the top-left corner of an ``M x M`` frame; evaluation only
+                            (``evaluation_metadata``), never moved by the geometric ops
 ``objects/id``              int64 ``[N]``
 ``objects/texts``           N lists of str: an object's expressions (RefCOCO) or phrase (VG)
 ``objects/contexts``        N lists of str, parallel to ``objects/texts``: their task prompts
@@ -50,6 +53,7 @@ CONTEXT = "context"
 OBJECTS_PREFIX = "objects/"
 OBJECT_BOXES = "objects/box"
 OBJECT_MASKS = "objects/mask"
+OBJECT_ORIGINAL_MASKS = "objects/original_mask"
 OBJECT_IDS = "objects/id"
 OBJECT_TEXTS = "objects/texts"
 OBJECT_CONTEXTS = "objects/contexts"

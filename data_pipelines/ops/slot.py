@@ -33,6 +33,11 @@ training and the first G in evaluation: they feed the proposal and dense-caption
 dense-captioning metrics read the annotation files. Unused slots and objects are zero with their
 masks False.
 
+An example with ``objects/original_mask`` (evaluation of referring segmentation:
+``evaluation_metadata(original_masks=M)``) also gets the evaluation-only ``original_masks``
+``[S, M, M]``: each expressions slot's object mask at the original size (zero elsewhere), laid
+out like ``target_masks``.
+
 Texts for :mod:`tokenize` (removed by it): ``slots/context`` and ``slots/text`` (S str, empty
 for unused slots), ``slots/trace`` (S narrative dicts or None) and ``gt/text`` (G str).
 """
@@ -92,6 +97,9 @@ def slot(*, task: str, slots: int, objects: int, train: bool = True) -> registry
         }
         # Evaluation metadata (the evaluation_metadata op) rides along to the batch.
         out.update({key: example[key] for key in batch.EVALUATION_SPEC if key in example})
+        if fields.OBJECT_ORIGINAL_MASKS in example:
+            side = example[fields.OBJECT_ORIGINAL_MASKS].shape[1:]
+            out[batch.ORIGINAL_MASKS] = np.zeros((slots, *side), bool)
         fill(example, out, task=row, train=train, rng=rng)
         used = out[batch.SLOT_MASK].astype(np.float32)
         for loss, key in batch.LOSS_MASKS.items():
@@ -147,6 +155,8 @@ def _fill_expressions(example: fields.Example, out: fields.Example, *, task: tas
         out[batch.TARGET_BOXES][s] = example[fields.OBJECT_BOXES][i]
         if "mask" in task.losses:
             out[batch.TARGET_MASKS][s] = example[fields.OBJECT_MASKS][i]
+        if batch.ORIGINAL_MASKS in out:
+            out[batch.ORIGINAL_MASKS][s] = example[fields.OBJECT_ORIGINAL_MASKS][i]
         out[batch.SLOT_MASK][s] = True
 
 

@@ -30,6 +30,10 @@ num_duplicates_skipped      expressions added again (same id) and ignored
 max_expressions_per_image   the cap used; 0 means no cap (all expressions scored)
 ==========================  ===================================================================
 
+:func:`mask_logits_to_original` turns the model's mask logits into original-image masks as the
+official evaluator does (its ``rescale_and_encode_masks``), for the evaluation driver and the
+Predictor alike.
+
 The ``seg_*`` keys appear only when masks were given (for every expression of the split).
 Box IoU follows scenic's ``box_iou`` except that widths and heights are clamped at zero, so an
 inverted box has area 0 (the official's negative area also gives IoU 0: its intersection is 0).
@@ -48,6 +52,7 @@ IOU_THRESHOLD = 0.5
 BOX_IOU_EPSILON = 1e-6  # scenic box_utils.box_iou: intersection / (union + 1e-6)
 MASK_IOU_EPSILON = 1e-5  # RefCocoEvaluator: .../(union + 1e-5) and mean(I)/(mean(U) + 1e-5)
 OFFICIAL_MAX_EXPRESSIONS_PER_IMAGE = 16  # the official referring batches hold 16 slots
+MASK_THRESHOLD = 0.0  # RefCocoEvaluator.mask_threshold: a pixel is the object where logit > 0
 
 
 def canvas_boxes_to_original(boxes: np.ndarray, *, valid_wh: Sequence[float],
@@ -76,6 +81,57 @@ def canvas_boxes_to_original(boxes: np.ndarray, *, valid_wh: Sequence[float],
     factor = np.array([width / valid_w, height / valid_h] * 2)
     limits = np.array([width, height] * 2)
     return np.clip(np.asarray(boxes, np.float64) * factor, 0.0, limits)
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's ``INTER_LINEAR`` taps along one axis: ``(low, high, weight of high)``, each
+    ``[out_size]``. Source coordinate ``(i + 0.5) * in / out - 0.5``, clamped to the first and
+    last pixel (no antialiasing when shrinking)."""
+    source = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    return low, high, (source - low).astype(np.float32)
+
+
+def mask_logits_to_original(logits: np.ndarray, *, valid_wh: Sequence[float], canvas: int,
+                            original_wh: Sequence[int]) -> np.ndarray:
+    """SAM's low-resolution mask logits -> bool masks of the original image, as the official
+    ``rescale_and_encode_masks``: keep the logits over the image's area of the canvas, ``int(valid
+    * (mask size / canvas))`` rows and columns (truncated, as there), resize them bilinearly to
+    the original size as ``cv2.resize(..., INTER_LINEAR)`` does (half-pixel centres, edge
+    clamping, no antialiasing; the weights of torch's ``align_corners=False`` bilinear, columns
+    then rows, in float32), and threshold at ``logit > 0`` (:data:`MASK_THRESHOLD`).
+
+    Args:
+      logits: ``[N, h, w]`` mask logits over the whole canvas (SAM's ``canvas / 4`` grid).
+      valid_wh: ``(width, height)`` of the resized image on the canvas (batch ``valid_wh``).
+      canvas: the canvas side in pixels (the model's input size).
+      original_wh: ``(width, height)`` of the original image.
+
+    Returns:
+      ``[N, height, width]`` bool.
+    """
+    logits = np.asarray(logits, np.float32)
+    valid_w, valid_h = (float(v) for v in valid_wh)
+    width, height = (int(v) for v in original_wh)
+    if logits.ndim != 3:
+        raise ValueError(f"mask_logits_to_original: logits must be [N, h, w], got "
+                         f"{logits.shape}")
+    crop_h = int(valid_h * (logits.shape[1] / canvas))
+    crop_w = int(valid_w * (logits.shape[2] / canvas))
+    if min(crop_h, crop_w, width, height) < 1 or crop_h > logits.shape[1] or (
+            crop_w > logits.shape[2]):
+        raise ValueError(f"mask_logits_to_original: valid_wh={tuple(valid_wh)} on a {canvas} "
+                         f"canvas keeps {crop_w} x {crop_h} of the {logits.shape[2]} x "
+                         f"{logits.shape[1]} logits; original_wh={tuple(original_wh)} (all must "
+                         "be positive, the window inside the logits)")
+    # Two taps per output pixel: gathers, far cheaper than dense resize matrices.
+    low, high, weight = _linear_taps(crop_w, width)
+    across = logits[:, :crop_h, low] * (1 - weight) + logits[:, :crop_h, high] * weight
+    low, high, weight = _linear_taps(crop_h, height)
+    weight = weight[:, None]
+    resized = across[:, low] * (1 - weight) + across[:, high] * weight
+    return resized > MASK_THRESHOLD
 
 
 def paired_box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray, *, epsilon: float) -> np.ndarray:

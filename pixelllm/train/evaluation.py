@@ -27,11 +27,14 @@ question_answer  ``inference.caption``, greedy, each slot's        ``VqaAnswerEv
 
 Ground truth comes from the batch: canvas boxes map back to original pixels by the same per-axis
 factor as the predictions (:func:`~pixelllm.evaluators.refcoco.canvas_boxes_to_original`; exact,
-since the canvas boxes were made by that factor), texts are the batch's tokens decoded. Masks,
-predicted and ground truth, are bool canvas masks resized back to the original size by nearest
-neighbour (:func:`canvas_masks_to_original`); the official evaluator resizes the predicted mask
-logits bilinearly and reads the ground-truth mask decoded at original size, so mask metrics may
-differ from it by the pixels along the mask borders. Location captioning scores one
+since the canvas boxes were made by that factor), texts are the batch's tokens decoded.
+Masks are scored at the original size as the official evaluator scores them: the prediction is
+SAM's low-resolution logits over the image's area of the canvas, resized bilinearly to the
+original size and thresholded at 0 (:func:`~pixelllm.evaluators.refcoco.mask_logits_to_original`,
+on the host: original sizes vary per image, and the official evaluator does it on the host too);
+the ground truth is the batch's evaluation-only ``original_masks``, the annotation's mask as
+decoded at the original size (``evaluation_metadata(original_masks=M)``, which referring
+segmentation sources need). Location captioning scores one
 reference per item: the text of the slot (the first expression of an object). Captioning scores
 one item per image against all its reference captions, as the official COCO caption evaluation:
 the ``slot`` op lays every caption of an evaluation image out as its ground-truth texts
@@ -74,7 +77,8 @@ from pixelllm import sharding
 from pixelllm.evaluators.caption_metrics import MeteorProcess
 from pixelllm.evaluators.captioning import CaptioningEvaluator
 from pixelllm.evaluators.densecap import DenseCapEvaluator
-from pixelllm.evaluators.refcoco import RefCocoEvaluator, canvas_boxes_to_original
+from pixelllm.evaluators.refcoco import (RefCocoEvaluator, canvas_boxes_to_original,
+                                         mask_logits_to_original)
 from pixelllm.evaluators.trace_points import TracePointEvaluator
 from pixelllm.evaluators.vqa_answers import VqaAnswerEvaluator
 from pixelllm.language.tokenizer import Tokenizer, load_tokenizer
@@ -148,7 +152,7 @@ def _predict_refseg(model: PixelLLM, batch: Mapping[str, jax.Array],
     del settings
     out = inference.refer_segment(model, batch[batch_lib.IMAGE], batch[batch_lib.VALID_WH],
                                   **_referring_inputs(batch))
-    return {"boxes": out.boxes, "masks": out.masks}
+    return {"boxes": out.boxes, "mask_logits": out.mask_logits}
 
 
 def _referring_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -205,23 +209,6 @@ PREDICTORS: dict[str, Predict] = {
 }
 
 
-# ------------------------------------------------------------------ original pixels
-
-def canvas_masks_to_original(masks: np.ndarray, *, valid_wh: Iterable[float],
-                             original_wh: Iterable[int]) -> np.ndarray:
-    """Canvas masks ``[N, H, W]`` bool -> ``[N, height, width]`` of the original image, by
-    nearest neighbour: original pixel ``(x, y)`` reads canvas pixel ``floor((x + 0.5) *
-    valid_w / width)`` (and the same in y), the pixel whose area holds its centre."""
-    valid_w, valid_h = (float(v) for v in valid_wh)
-    width, height = (int(v) for v in original_wh)
-    masks = np.asarray(masks, bool)
-    columns = np.minimum(((np.arange(width) + 0.5) * valid_w / width).astype(np.int64),
-                         masks.shape[2] - 1)
-    rows = np.minimum(((np.arange(height) + 0.5) * valid_h / height).astype(np.int64),
-                      masks.shape[1] - 1)
-    return masks[:, rows[:, None], columns[None, :]]
-
-
 class _Texts:
     """Token rows -> text with the run's tokenizer."""
 
@@ -263,17 +250,34 @@ def _add_referring(evaluator: RefCocoEvaluator, batch: Batch, outputs: Outputs,
             continue
         image_id = int(batch[batch_lib.IMAGE_ID][i])
         masks = {}
-        if "masks" in outputs:
-            size = {"valid_wh": batch[batch_lib.VALID_WH][i],
-                    "original_wh": batch[batch_lib.ORIGINAL_WH][i]}
-            masks = {"pred_masks": canvas_masks_to_original(outputs["masks"][i, used], **size),
-                     "gt_masks": canvas_masks_to_original(
-                         batch[batch_lib.TARGET_MASKS][i, used], **size)}
+        if "mask_logits" in outputs:
+            masks = _original_masks(batch, outputs["mask_logits"][i, used], i, used)
         # Slots hold an image's expressions in the annotation order: (image, slot) names one.
         evaluator.add(image_id=image_id, expression_ids=[f"{image_id}:{s}" for s in used],
                       pred_boxes=_to_original(outputs["boxes"][i, used], batch, i),
                       gt_boxes=_to_original(batch[batch_lib.TARGET_BOXES][i, used], batch, i),
                       **masks)
+
+
+def _original_masks(batch: Batch, logits: np.ndarray, i: int,
+                    used: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"pred_masks", "gt_masks"}`` ``[N, height, width]`` bool of example ``i``'s ``used``
+    slots at the original size: ``logits [N, h, w]`` as the official evaluator resizes them, the
+    ground truth from the batch's ``original_masks``."""
+    if batch_lib.ORIGINAL_MASKS not in batch:
+        raise ValueError("referring segmentation is scored against the original-size masks: "
+                         f"the batches lack {batch_lib.ORIGINAL_MASKS!r} (give the source's "
+                         "sizes original_masks=M and its chain evaluation_metadata("
+                         "original_masks=M))")
+    width, height = (int(v) for v in batch[batch_lib.ORIGINAL_WH][i])
+    frame = batch[batch_lib.ORIGINAL_MASKS].shape[-2:]
+    if height > frame[0] or width > frame[1]:
+        raise ValueError(f"image {int(batch[batch_lib.IMAGE_ID][i])}: original size {width} x "
+                         f"{height} exceeds the original_masks frame {frame[1]} x {frame[0]}")
+    return {"pred_masks": mask_logits_to_original(
+                logits, valid_wh=batch[batch_lib.VALID_WH][i],
+                canvas=batch[batch_lib.IMAGE].shape[2], original_wh=(width, height)),
+            "gt_masks": batch[batch_lib.ORIGINAL_MASKS][i, used, :height, :width]}
 
 
 def _add_trace(evaluator: TracePointEvaluator, batch: Batch, outputs: Outputs,
@@ -473,7 +477,8 @@ class TaskMetrics:
                                         max_expressions_per_image=self._max_expressions_per_image)
                 count = 0
                 for host_batch in batches:
-                    missing = sorted(set(batch_lib.EVALUATION_SPEC) - set(host_batch))
+                    missing = sorted(set(batch_lib.EVALUATION_SPEC) - set(host_batch)
+                                     - set(batch_lib.OPTIONAL_EVALUATION_KEYS))
                     if missing:
                         raise ValueError(
                             f"evaluation source {name}: batches lack {missing}; build its "

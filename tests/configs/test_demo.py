@@ -2,6 +2,7 @@
 
 import pytest
 
+from configs import data as data_config
 from configs import demo
 from configs.experiments import experiment
 
@@ -24,7 +25,11 @@ def test_every_task_trains_and_is_evaluated_on_its_held_out_split():
     assert {source["split"] for source in config.data.train} == {"train"}
     for source in config.data.eval:
         assert source["split"] == demo.HELD_OUT_SPLIT[source["builder"]] != "train"
-        assert source["ops"][1] == {"op": "evaluation_metadata"}
+        assert source["ops"][1]["op"] == "evaluation_metadata"
+        # Referring segmentation is scored against the original-size masks.
+        segments = source["task"] == "refseg"
+        assert source["ops"][1].get("original_masks", 0) == source["sizes"].get(
+            "original_masks", 0) == (data_config.ORIGINAL_MASKS_SIDE if segments else 0)
 
 
 def test_without_pretrained_weights_everything_trains():

@@ -425,3 +425,23 @@ def test_config_pipelines_read_a_built_localized_narratives_data_set(tmp_path, t
                                   (np.arange(24) >= 1) & (np.arange(24) <= len(words)))
     train = next(iter(pipeline.from_config(config, process_index=0, process_count=1)))
     assert train["image"].shape == (2, 16, 16, 3) and train["slot_mask"][:, 0].all()
+
+
+def test_refseg_evaluation_batches_carry_the_original_size_masks(tokenizer_path):
+    record = _refer_record(0)
+    masks = np.zeros((2, 16, 32, 1), np.uint8)
+    masks[0, 1:7, 2:5] = 255  # the dog's, at the original 32 x 16
+    masks[1, 9:, 25:31] = 255
+    record["objects"]["mask"] = list(masks)
+    ops, sizes = data_config.evaluation_chain(_ops("refseg", tokenizer_path), task="refseg",
+                                              sizes=dataclasses.asdict(SIZES))
+    side = data_config.ORIGINAL_MASKS_SIDE
+    [batch] = list(_eval_pipeline([Source("refseg", [record], ops)], sizes=Sizes(**sizes),
+                                  evaluation_keys=True))
+    assert batch["original_masks"].shape == (2, SIZES.slots, side, side)
+    np.testing.assert_array_equal(batch["original_wh"][0], [32, 16])
+    # Slot s holds expression s's object, in the top-left 32 x 16 of the frame.
+    np.testing.assert_array_equal(batch["original_masks"][0, :2, :16, :32], masks[:, :, :, 0] > 0)
+    assert not batch["original_masks"][0, :, 16:].any()
+    assert not batch["original_masks"][1].any()  # the all-zero filler example
+    assert batch["target_masks"][0, 0, 1:3, 1:2].all()  # the canvas masks are still made

@@ -135,6 +135,75 @@ def test_canvas_boxes_to_original():
         refcoco.canvas_boxes_to_original(np.zeros((1, 4)), valid_wh=(0, 32), original_wh=(1, 1))
 
 
+def _opencv_linear(image, out_hw):
+    """OpenCV's ``INTER_LINEAR`` resize written out per pixel, as its source states it (the
+    official evaluator's ``cv2.resize``): source coordinate ``(dst + 0.5) * in / out - 0.5``,
+    ``sx = floor``; below 0 it reads pixel 0, at or past the last pixel it reads the last; else
+    ``(1 - f) * S[sx] + f * S[sx + 1]``; columns, then rows."""
+    def taps(in_size, out_size):
+        found = []
+        for d in range(out_size):
+            f = (d + 0.5) * (in_size / out_size) - 0.5
+            s = int(np.floor(f))
+            f -= s
+            if s < 0:
+                s, f = 0, 0.0
+            if s >= in_size - 1:
+                s, f = in_size - 1, 0.0
+            found.append((s, min(s + 1, in_size - 1), f))
+        return found
+
+    rows, columns = taps(image.shape[0], out_hw[0]), taps(image.shape[1], out_hw[1])
+    across = np.asarray([[(1 - f) * line[a] + f * line[b] for a, b, f in columns]
+                         for line in image])
+    return np.asarray([(1 - f) * across[a] + f * across[b] for a, b, f in rows])
+
+
+@pytest.mark.parametrize("valid_wh, original_wh", [
+    ((16, 10), (9, 7)),      # upscale by non-integer factors, cropped rows
+    ((11, 16), (3, 5)),      # downscale (no antialiasing), cropped columns
+    ((16, 16), (4, 4)),      # the whole 4 x 4 grid, no resize
+])
+def test_mask_logits_follow_the_official_crop_and_opencv_bilinear(valid_wh, original_wh):
+    logits = np.random.default_rng(0).normal(size=(2, 4, 4)).astype(np.float32)
+    # Canvas 16, a 4 x 4 logit grid: the official crop keeps int(valid * 4 / 16) rows/columns.
+    crop_w, crop_h = (int(v * 4 / 16) for v in valid_wh)
+    masks = refcoco.mask_logits_to_original(logits, valid_wh=valid_wh, canvas=16,
+                                            original_wh=original_wh)
+    assert masks.shape == (2, original_wh[1], original_wh[0]) and masks.dtype == bool
+    for mask, grid in zip(masks, logits):
+        expected = _opencv_linear(grid[:crop_h, :crop_w], original_wh[::-1])
+        np.testing.assert_array_equal(mask, expected > 0)
+
+
+def test_mask_logits_by_hand_bilinear_not_nearest_changes_ciou():
+    # Logits [-3, 1] over the whole 8-pixel canvas (a 2-wide grid), resized to 4 original
+    # columns: source x = (j + 0.5) / 2 - 0.5 = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped
+    # to 1) gives -3, -2, 0, 1, and only logit > 0 is the object: [F, F, F, T].
+    logits = np.asarray([[[-3.0, 1.0], [-3.0, 1.0]]])
+    mask = refcoco.mask_logits_to_original(logits, valid_wh=(8, 8), canvas=8,
+                                           original_wh=(4, 2))
+    np.testing.assert_array_equal(mask[0], [[False, False, False, True]] * 2)
+    # Bilinear to the canvas, threshold, then nearest to the original (the earlier route)
+    # reads canvas x = 1, 3, 5, 7 of -3, -3, -2.5, -1.5, -0.5, 0.5, 1, 1: [F, F, T, T].
+    gt = np.asarray([[[False, False, True, True]] * 2])
+    evaluator = refcoco.RefCocoEvaluator(split="val")
+    evaluator.add(image_id=1, expression_ids=[1], pred_boxes=[[3, 0, 4, 2]],
+                  gt_boxes=[[2, 0, 4, 2]], pred_masks=mask, gt_masks=gt)
+    result = evaluator.result()
+    assert result["seg_cIoU"] == pytest.approx(2 / (4 + 1e-5), rel=1e-12)  # not 1
+    assert result["seg_AP"] == 0.0  # 2 / (4 + 1e-5) is below 0.5
+
+
+def test_mask_logits_window_must_fit():
+    with pytest.raises(ValueError, match="keeps 0 x 4"):
+        refcoco.mask_logits_to_original(np.zeros((1, 4, 4)), valid_wh=(3, 16), canvas=16,
+                                        original_wh=(5, 5))
+    with pytest.raises(ValueError, match=r"must be \[N, h, w\]"):
+        refcoco.mask_logits_to_original(np.zeros((4, 4)), valid_wh=(16, 16), canvas=16,
+                                        original_wh=(5, 5))
+
+
 def test_bad_input_is_named():
     evaluator = refcoco.RefCocoEvaluator(split="testA")
     with pytest.raises(ValueError, match="testA.*no expression"):

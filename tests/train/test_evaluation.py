@@ -21,18 +21,20 @@ from PIL import Image
 
 from pixelllm import batch as batch_lib
 from pixelllm import sharding
-from pixelllm.evaluators.refcoco import RefCocoEvaluator, canvas_boxes_to_original
+from pixelllm.evaluators.refcoco import (RefCocoEvaluator, canvas_boxes_to_original,
+                                         mask_logits_to_original)
 from pixelllm.language.tokenizer import Tokenizer
 from pixelllm.models.pixel_llm import inference
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 from pixelllm.train import evaluation
-from pixelllm.train.evaluation import EvalSource, TaskMetrics, canvas_masks_to_original
+from pixelllm.train.evaluation import EvalSource, TaskMetrics
 
 # Module fixtures compile the tiny model: all of this module runs on one xdist worker
 # (launch/test.sh uses --dist loadgroup), so they are built once.
 pytestmark = pytest.mark.xdist_group("test_evaluation")
 
 CANVAS, SLOTS, CONTEXT, TEXT, POINTS, OBJECTS, VOCAB, EOS = 32, 2, 4, 6, 2, 3, 128, 1
+ORIGINAL = CANVAS * 5 // 2  # the originals' largest side: the original_masks frame
 REFCOCO_VAL = EvalSource(task="refer", builder="refer_coco/refcoco_unc", split="val")
 
 
@@ -72,7 +74,8 @@ class FakeMeteor:
 def eval_batch(seed: int, *, batch: int = 2, padding: int = 0, first_id: int = 100,
                task: str = "refer") -> dict[str, np.ndarray]:
     """``batch`` examples (then ``padding`` all-zero ones) of the batch contract with the
-    evaluation keys: one rectangle per image, every slot about it; originals 2.5x the canvas."""
+    evaluation keys: one rectangle per image, every slot about it; originals 2.5x the canvas,
+    where the rectangle's mask holds the pixels whose centre lies inside it."""
     rng = np.random.default_rng(seed)
     total = batch + padding
     out = {key: np.zeros(shape, dtype) for key, (shape, dtype) in batch_lib.batch_spec(
@@ -80,6 +83,7 @@ def eval_batch(seed: int, *, batch: int = 2, padding: int = 0, first_id: int = 1
                         points_per_token=POINTS, objects=OBJECTS), total).items()}
     out[batch_lib.IMAGE_ID] = np.zeros((total,), np.int64)
     out[batch_lib.ORIGINAL_WH] = np.zeros((total, 2), np.int32)
+    out[batch_lib.ORIGINAL_MASKS] = np.zeros((total, SLOTS, ORIGINAL, ORIGINAL), bool)
     words = TEXT - 2
     for i in range(batch):
         w, h = CANVAS, CANVAS - 8 * (i % 2)
@@ -92,6 +96,10 @@ def eval_batch(seed: int, *, batch: int = 2, padding: int = 0, first_id: int = 1
         out["image"][i, y0:y1, x0:x1] = (230.0, 40.0, 20.0)
         out["target_boxes"][i] = (x0, y0, x1, y1)
         out["target_masks"][i, :, y0:y1, x0:x1] = True
+        centres = (np.arange(ORIGINAL) + 0.5) / 2.5
+        inside_y = (centres >= y0) & (centres < y1) & (np.arange(ORIGINAL) < h * 5 // 2)
+        inside_x = (centres >= x0) & (centres < x1)
+        out[batch_lib.ORIGINAL_MASKS][i, :] = inside_y[:, None] & inside_x[None, :]
         out["prompt_boxes"][i] = (0, 0, w, h)
         out["slot_mask"][i] = True
         out["context_tokens"][i] = rng.integers(2, VOCAB, (SLOTS, CONTEXT))
@@ -222,17 +230,42 @@ def test_trace_point_l1_equals_a_hand_computation(driven, by_hand, refer_batches
     assert scalars["ln/point_l1"] == pytest.approx(np.mean(errors), rel=1e-5)
 
 
-def test_perfect_referring_predictions_score_one(mesh, model, rules, refer_batches, tmp_path):
-    def perfect(model, batch, settings):
+def test_referring_segmentation_scores_original_size_masks(mesh, model, rules, refer_batches,
+                                                           tmp_path):
+    def perfect_boxes(model, batch, settings):
+        """The target boxes, and logits on SAM's canvas / 4 grid: +1 inside the target."""
         del model, settings
-        return {"boxes": batch["target_boxes"], "masks": batch["target_masks"]}
+        grid = batch["target_masks"][..., 2::4, 2::4]
+        return {"boxes": batch["target_boxes"], "mask_logits": grid * 2.0 - 1.0}
 
     refseg = REFCOCO_VAL._replace(task="refseg")
     scalars = driver({"seg": refer_batches}, {"seg": refseg}, mesh=mesh, rules=rules,
-                     workdir=tmp_path, predictors={"refseg": perfect})(model, 1)
-    for key in ("box_P@0.5", "box_P@0.5_inclusive", "seg_AP", "seg_box_P@0.5"):
+                     workdir=tmp_path, predictors={"refseg": perfect_boxes})(model, 1)
+    for key in ("box_P@0.5", "box_P@0.5_inclusive"):
         assert scalars[f"seg/{key}"] == 1.0, key
-    assert scalars["seg/seg_cIoU"] == pytest.approx(1.0, abs=1e-6)
+    # By hand: the logits cropped to the valid area, bilinear to the original size, against
+    # the batch's original-size masks.
+    hand = RefCocoEvaluator(split="by hand")
+    for batch in refer_batches:
+        for i in np.flatnonzero(batch["original_wh"][:, 0] > 0):
+            width, height = batch["original_wh"][i]
+            logits = batch["target_masks"][i, :, 2::4, 2::4] * 2.0 - 1.0
+            size = {"valid_wh": batch["valid_wh"][i], "original_wh": batch["original_wh"][i]}
+            hand.add(image_id=int(batch["image_id"][i]),
+                     expression_ids=[f"{batch['image_id'][i]}:{s}" for s in range(SLOTS)],
+                     pred_boxes=canvas_boxes_to_original(batch["target_boxes"][i], **size),
+                     gt_boxes=canvas_boxes_to_original(batch["target_boxes"][i], **size),
+                     pred_masks=mask_logits_to_original(logits, canvas=CANVAS, **size),
+                     gt_masks=batch["original_masks"][i, :, :height, :width])
+    expected = hand.result()
+    assert 0.5 < expected["seg_cIoU"] < 1.0  # the coarse grid misses along the borders
+    for key in ("seg_cIoU", "seg_gIoU", "seg_AP", "seg_box_P@0.5", "num_expressions"):
+        assert scalars[f"seg/{key}"] == pytest.approx(expected[key], rel=1e-12), key
+
+    without = [{k: v for k, v in b.items() if k != "original_masks"} for b in refer_batches]
+    with pytest.raises(ValueError, match="original_masks"):
+        driver({"seg": without}, {"seg": refseg}, mesh=mesh, rules=rules, workdir=tmp_path,
+               predictors={"refseg": perfect_boxes})(model, 1)
 
     def shifted(model, batch, settings):  # half a box width off: IoU 1/3
         del model, settings
@@ -243,15 +276,6 @@ def test_perfect_referring_predictions_score_one(mesh, model, rules, refer_batch
     scalars = driver({"val": refer_batches}, {"val": REFCOCO_VAL}, mesh=mesh, rules=rules,
                      workdir=tmp_path, predictors={"refer": shifted})(model, 1)
     assert scalars["val/box_P@0.5"] == 0.0
-
-
-def test_canvas_masks_map_back_by_nearest_neighbour():
-    canvas = np.zeros((1, 8, 8), bool)
-    canvas[0, 1:3, 2:4] = True  # valid area 4 x 6 of an 8 x 12 original (factor 2)
-    original = canvas_masks_to_original(canvas, valid_wh=(4, 6), original_wh=(8, 12))
-    expected = np.zeros((1, 12, 8), bool)
-    expected[0, 2:6, 4:8] = True
-    np.testing.assert_array_equal(original, expected)
 
 
 def test_dense_captioning_runs_the_detector_and_closes_meteor(model, mesh, rules, tmp_path):
@@ -423,3 +447,26 @@ def test_evaluation_metadata_records_the_id_and_size_before_resizing():
     assert hashed != evaluation_metadata.integer_image_id("VG_100K/abd")
     with pytest.raises(ValueError, match="right after decode"):
         op({**out, "valid_wh": np.asarray([32, 13], np.float32)}, np.random.default_rng(0))
+
+
+def test_evaluation_metadata_frames_the_original_masks():
+    from data_pipelines.ops import evaluation_metadata, fields, registry
+
+    masks = np.zeros((2, 20, 48), bool)
+    masks[0, 3:5, 40:] = True
+    masks[1, 19, 0] = True
+    example = {"image": np.zeros((20, 48, 3), np.uint8), "image/id": "7",
+               fields.OBJECT_MASKS: masks}
+    out = registry.build("evaluation_metadata", original_masks=50)(
+        example, np.random.default_rng(0))
+    framed = out[fields.OBJECT_ORIGINAL_MASKS]
+    assert framed.shape == (2, 50, 50) and framed.dtype == bool
+    np.testing.assert_array_equal(framed[:, :20, :48], masks)
+    assert not framed[:, 20:].any() and not framed[:, :, 48:].any()
+    assert fields.OBJECT_ORIGINAL_MASKS not in registry.build("evaluation_metadata")(
+        example, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="does not fit the original_masks frame of 40"):
+        evaluation_metadata.evaluation_metadata(original_masks=40)(example, None)
+    with pytest.raises(ValueError, match="needs object masks"):
+        evaluation_metadata.evaluation_metadata(original_masks=50)(
+            {"image": example["image"], "image/id": "7"}, None)

@@ -109,10 +109,14 @@ def location_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
 
 
 class Referring(NamedTuple):
-    """``boxes [B, S, 4]`` canvas pixels; ``masks [B, S, H, W]`` bool on the canvas (False on
-    padding) and ``mask_scores [B, S]`` SAM's predicted IoU, or None for localization only."""
+    """``boxes [B, S, 4]`` canvas pixels; with segmentation, ``masks [B, S, H, W]`` bool on the
+    canvas (False on padding), ``mask_logits [B, S, H/4, W/4]`` SAM's logits over the whole
+    canvas (what original-size masks are made from, as the official evaluator does:
+    :func:`pixelllm.evaluators.refcoco.mask_logits_to_original`) and ``mask_scores [B, S]``
+    SAM's predicted IoU; all three None for localization only."""
     boxes: jax.Array
     masks: jax.Array | None
+    mask_logits: jax.Array | None
     mask_scores: jax.Array | None
 
 
@@ -125,11 +129,12 @@ def _refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
                             context_tokens=context_tokens, context_mask=context_mask,
                             text_tokens=text_tokens, text_mask=text_mask, with_masks=segment)
     if not segment:
-        return Referring(boxes=slots.eos_boxes, masks=None, mask_scores=None)
+        return Referring(boxes=slots.eos_boxes, masks=None, mask_logits=None, mask_scores=None)
     height, width = image.shape[1:3]
     logits = resize_2d(slots.masks[..., None], (height, width), mode="linear")[..., 0]
     masks = (logits > 0) & padding_mask(valid_wh, (height, width))[:, None]
-    return Referring(boxes=slots.eos_boxes, masks=masks, mask_scores=slots.mask_iou)
+    return Referring(boxes=slots.eos_boxes, masks=masks, mask_logits=slots.masks,
+                     mask_scores=slots.mask_iou)
 
 
 def refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,

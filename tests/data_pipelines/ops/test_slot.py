@@ -63,6 +63,24 @@ def test_refer_fills_one_slot_per_expression_in_evaluation_order():
     assert out["image"].dtype == np.float32 and (out["image"] == 9).all()
 
 
+def test_refseg_evaluation_lays_out_the_original_masks_per_slot():
+    example = _objects_example("refseg")
+    original = np.zeros((3, 5, 5), bool)  # each object's mask in a 5 x 5 original frame
+    for i in range(3):
+        original[i, 4 - i, i] = True
+    out = slot(task="refseg", slots=6, objects=2, train=False)(
+        {**example, fields.OBJECT_ORIGINAL_MASKS: original}, np.random.default_rng(0))
+    framed = out["original_masks"]
+    assert framed.shape == (6, 5, 5) and framed.dtype == bool
+    # Slots a, b (object 0) and c, d, e (object 2), like target_masks; the unused slot is zero.
+    np.testing.assert_array_equal(framed[:5], original[[0, 0, 2, 2, 2]])
+    np.testing.assert_array_equal(out["target_masks"][:5], example[fields.OBJECT_MASKS][
+        [0, 0, 2, 2, 2]])
+    assert not framed[5].any()
+    assert "original_masks" not in slot(task="refseg", slots=6, objects=2, train=False)(
+        example, np.random.default_rng(0))
+
+
 def test_refseg_carries_the_masks_and_training_takes_a_random_subset_in_order():
     example = _objects_example("refseg")
     seen = set()
