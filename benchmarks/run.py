@@ -35,7 +35,7 @@ import jax
 from benchmarks.decode_speed import device_name
 
 BENCHMARKS = ("train_step", "decode_speed", "caption_speed", "input_pipeline", "flop_utilization",
-              "memory")
+              "memory", "task_speed")
 PACKAGE = pathlib.Path(__file__).parent
 
 

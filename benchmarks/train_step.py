@@ -23,14 +23,10 @@ its trace points, the same synthetic layout as the harness. Prints a table and w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -38,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import results_file
+from benchmarks.anchor import (ANCHOR, ANCHOR_VENV, BOS, EOS, FIRST_WORD_ID, PROMPT_IDS,
+                               run_anchor)
 from benchmarks.decode_speed import device_name
 from configs import stages
 from pixelllm import batch as batch_lib
@@ -48,12 +46,6 @@ from pixelllm.train import train_step as train_step_lib
 from pixelllm.train.trainer import build_mesh
 
 MODES = {"trained": "trace_harness", "lora": "trace_harness_lora"}
-ANCHOR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "anchors" / "scenic"
-ANCHOR_VENV = pathlib.Path(os.environ.get("SCENIC_ANCHOR_VENV") or pathlib.Path(
-    os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "scenic-anchor-venv")
-# The harness's context: "A long image caption: " as BERT-uncased ids, then EOS.
-PROMPT_IDS = (1037, 2146, 3746, 14408, 1024, 102)
-BOS, EOS, FIRST_WORD_ID = 101, 102, 1996
 
 
 def harness_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -144,22 +136,6 @@ def time_calls(fn, *, warmup: int, calls: int) -> dict:
     return dict(median_s=statistics.median(times), min_s=min(times), calls_s=times)
 
 
-def run_anchor(*, threads: int, calls: int, warmup: int, anchor: pathlib.Path,
-               venv: pathlib.Path) -> dict:
-    """The official step's record from ``run_anchor.py --only train_step`` (its JSON)."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        sys.exit(f"no harness venv at {venv}: run `bash {anchor}/setup.sh SCENIC_GIT` first "
-                 "(or pass --no-anchor)")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "anchor.json"
-        command = [str(python), str(anchor / "run_anchor.py"), "--only", "train_step",
-                   "--threads", str(threads), "--calls", str(calls), "--warmup", str(warmup),
-                   "--out", str(out)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -182,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         row = {mode: time_calls(step.call, warmup=args.warmup, calls=args.calls)
                for mode, step in ours.items()}
         if not args.no_anchor:
-            anchor = run_anchor(threads=args.threads, calls=args.calls, warmup=args.warmup,
-                                anchor=args.anchor, venv=args.anchor_venv)
+            anchor = run_anchor(only=["train_step"], threads=args.threads, calls=args.calls,
+                                warmup=args.warmup, anchor=args.anchor, venv=args.anchor_venv)
             row["official"] = anchor["timings"]["train_step"]
             for mode in ours:
                 row[mode]["ratio"] = row[mode]["median_s"] / row["official"]["median_s"]

@@ -352,6 +352,11 @@ class Predictor:
         self._functions: dict[tuple[str, inference.DecodeSettings | None], Callable] = {}
         self.traces: collections.Counter[str] = collections.Counter()
 
+    @property
+    def parameter_arrays(self) -> list[jax.Array]:
+        """The model's state as the compiled programs read it (for size reports)."""
+        return jax.tree.leaves(self._state)
+
     # ------------------------------------------------------------------ construction
 
     @classmethod

@@ -96,8 +96,8 @@ def test_from_workdir_restores_the_latest_checkpoint_and_writes_nothing(run, pre
     # Trained parameters from the checkpoint, frozen ones rebuilt from the seed: the model the
     # checkpoint was written from, exactly.
     expected = jax.tree.leaves(nnx.state(model))
-    for found in (predictor._state, again._state):
-        for a, b in zip(jax.tree.leaves(found), expected, strict=True):
+    for found in (predictor.parameter_arrays, again.parameter_arrays):
+        for a, b in zip(found, expected, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
