@@ -189,11 +189,23 @@ class DecoderLMOutput(NamedTuple):
     """``logits``: float32 [B, L, V] (after the final soft-cap, if any; None when not asked
     for); ``hidden``: [B, L, D] after the final norm, in the compute dtype; ``cache``: the updated
     cache, or ``None``; ``attention``: ``{layer: float32 [B, H, L, S]}`` post-softmax
-    probabilities of the requested layers over the ``S`` keys, or None."""
+    probabilities of the requested layers over the ``S`` keys, or None; ``hidden_states``:
+    ``{index: [B, L, D]}`` the requested residual-stream states in the compute dtype, indexed as
+    transformers' ``output_hidden_states`` (:func:`hidden_state_indices`), or None."""
     logits: jax.Array | None
     hidden: jax.Array
     cache: dict | None
     attention: dict[int, jax.Array] | None = None
+    hidden_states: dict[int, jax.Array] | None = None
+
+
+def hidden_state_indices(num_layers: int) -> range:
+    """The valid ``hidden_layers`` indices, those of transformers' ``output_hidden_states``
+    tuple: 0 is the input of block 0 (the embeddings, Gemma's ``√D`` scale included), ``i`` in
+    ``1 .. num_layers - 1`` the residual stream after block ``i - 1`` (0-based, as
+    ``attention_layers``), and ``num_layers`` the final norm's output (``hidden``), as
+    transformers replaces the last block's raw output by it."""
+    return range(num_layers + 1)
 
 
 def valid_positions(mask: jax.Array) -> jax.Array:
@@ -432,8 +444,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
 
     def __call__(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
                  positions: jax.Array, input_mask: jax.Array, cache: dict | None = None,
-                 attention_layers: Sequence[int] = (), with_logits: bool = True
-                 ) -> DecoderLMOutput:
+                 attention_layers: Sequence[int] = (), hidden_layers: Sequence[int] = (),
+                 with_logits: bool = True) -> DecoderLMOutput:
         """Runs the model over ``L`` new inputs.
 
         Args:
@@ -444,13 +456,21 @@ class DecoderLM(AddedTokenRows, nnx.Module):
           input_mask: bool [B, L], False on padding (valid tokens first when a cache is given).
           cache: from :meth:`init_cache` or a previous call; None attends within the inputs only.
           attention_layers: layers whose attention probabilities are returned.
+          hidden_layers: indices of :func:`hidden_state_indices` whose residual-stream states are
+            returned. Per layer, states not asked for cost nothing; under ``scan_layers`` see
+            :meth:`_scan_blocks`.
           with_logits: False leaves ``logits`` None (a caller that needs them for some
             positions only projects those, :meth:`logits`).
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens and embeddings")
         c = self.config
-        _check_layers(attention_layers, c.num_layers)
+        _check_indices("attention_layers", attention_layers, range(c.num_layers), c.num_layers)
+        _check_indices("hidden_layers", hidden_layers, hidden_state_indices(c.num_layers),
+                       c.num_layers)
+        wanted = {int(i) for i in hidden_layers}
+        # Hidden state i + 1 is block i's output, but the last one is taken after the final norm.
+        hidden_blocks = sorted(i - 1 for i in wanted if 0 < i < c.num_layers)
         x = self.embed(tokens) if tokens is not None else embeddings.astype(jnp.dtype(c.dtype))
         batch, length = x.shape[:2]
         positions = positions.astype(jnp.int32)
@@ -470,17 +490,19 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         new_cache = None if cache is None else {
             "end_index": cache["end_index"] + input_mask.sum(axis=-1, dtype=jnp.int32),
             "positions": key_positions}
+        hidden_states = {0: x} if 0 in wanted else {}
         block = remat_lib.remat(
             lambda layer, x, mask, inv_freq, layer_cache: layer(
                 x, positions=positions, inv_freq=inv_freq, mask=mask, slots=slots,
                 layer_cache=layer_cache),
             c.remat)
         if c.scan_layers:
-            x, layers_cache, attention = self._scan_blocks(
+            x, layers_cache, attention, block_outputs = self._scan_blocks(
                 block, x, masks, inv_freqs, None if cache is None else cache["layers"],
-                attention_layers)
+                attention_layers, hidden_blocks)
             if new_cache is not None:
                 new_cache["layers"] = layers_cache
+            hidden_states.update({i + 1: state for i, state in block_outputs.items()})
         else:
             attention = {}
             for i, (layer, layer_type) in enumerate(zip(self.layers, c.types)):
@@ -490,9 +512,14 @@ class DecoderLM(AddedTokenRows, nnx.Module):
                     new_cache[f"layer_{i}"] = layer_cache
                 if i in attention_layers:
                     attention[i] = probs
+                if i in hidden_blocks:
+                    hidden_states[i + 1] = x
         hidden = self.final_norm(x)
+        if c.num_layers in wanted:
+            hidden_states[c.num_layers] = hidden
         return DecoderLMOutput(logits=self.logits(hidden) if with_logits else None,
-                               hidden=hidden, cache=new_cache, attention=attention or None)
+                               hidden=hidden, cache=new_cache, attention=attention or None,
+                               hidden_states=dict(sorted(hidden_states.items())) or None)
 
     def _rope_inv_freq(self, layer_type: str) -> np.ndarray:
         """RoPE inverse frequencies ``[Dh / 2]`` of a layer type: Gemma 3's sliding layers use
@@ -504,33 +531,49 @@ class DecoderLM(AddedTokenRows, nnx.Module):
 
     def _scan_blocks(self, block, x: jax.Array, masks: dict[str, jax.Array],
                      inv_freqs: dict[str, jax.Array], layers_cache: dict | None,
-                     attention_layers: Sequence[int]
-                     ) -> tuple[jax.Array, dict | None, dict[int, jax.Array]]:
+                     attention_layers: Sequence[int], hidden_blocks: Sequence[int]
+                     ) -> tuple[jax.Array, dict | None, dict[int, jax.Array],
+                                dict[int, jax.Array]]:
         """The stacked blocks under ``nnx.scan``. Each layer's attention type enters as a bool
         (sliding or not) picking its mask and RoPE frequencies. The stacked cache ``{"k", "v":
         [B, n, S, K, Dh]}`` is carried whole and each layer reads and writes its own slice, so
-        the cache is updated in place instead of being moved to a layer-major copy and back."""
+        the cache is updated in place instead of being moved to a layer-major copy and back.
+
+        The outputs of the ``k`` blocks in ``hidden_blocks`` (returned as ``{block: [B, L, D]}``)
+        are kept in a carried buffer ``[k + 1, B, L, D]``, one row per chosen block, instead of
+        the scan's stacked outputs, which would hold all ``n`` layers. Each chosen block writes
+        its output in place into its row and every other block into the spare last row: a
+        branch-free write (XLA:GPU runs a ``lax.cond`` by reading its predicate on the host,
+        which would stall every layer) that costs one ``[B, L, D]`` copy per unchosen block.
+        Without ``hidden_blocks`` there is no buffer and no write."""
+        n = self.config.num_layers
         sliding = jnp.asarray([t == SLIDING_ATTENTION for t in self.config.types])
         keep_probs = bool(attention_layers)
+        rows = np.full(n, len(hidden_blocks), np.int32)
+        rows[list(hidden_blocks)] = np.arange(len(hidden_blocks))
+        states = jnp.zeros((len(hidden_blocks) + 1, *x.shape), x.dtype) if hidden_blocks else None
 
         def of_type(values: dict[str, jax.Array], is_sliding: jax.Array) -> jax.Array:
             if len(values) == 1:
                 return next(iter(values.values()))
             return jnp.where(is_sliding, values[SLIDING_ATTENTION], values[FULL_ATTENTION])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
-        def run_stack(carry, layer, is_sliding, index):
-            x, kv = carry
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        def run_stack(carry, layer, is_sliding, index, row):
+            x, kv, states = carry
             x, layer_kv, probs = block(layer, x, of_type(masks, is_sliding),
                                        of_type(inv_freqs, is_sliding),
                                        stacked_lib.layer_cache(kv, index))
             kv = stacked_lib.write_layer_cache(kv, layer_kv, index)
-            return (x, kv), (probs if keep_probs else None)
+            if states is not None:
+                states = jax.lax.dynamic_update_index_in_dim(states, x, row, 0)
+            return (x, kv, states), (probs if keep_probs else None)
 
-        (x, layers_cache), probs = run_stack(
-            (x, layers_cache), self.layers, sliding,
-            jnp.arange(self.config.num_layers, dtype=jnp.int32))
-        return x, layers_cache, {i: probs[i] for i in attention_layers}
+        (x, layers_cache, states), probs = run_stack(
+            (x, layers_cache, states), self.layers, sliding, jnp.arange(n, dtype=jnp.int32),
+            jnp.asarray(rows))
+        return (x, layers_cache, {i: probs[i] for i in attention_layers},
+                {block_index: states[row] for row, block_index in enumerate(hidden_blocks)})
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., D]`` (after the final norm) -> float32 ``[..., V]`` after the final
@@ -550,23 +593,29 @@ class DecoderLM(AddedTokenRows, nnx.Module):
 
     def forward(self, *, prefix: jax.Array, prefix_mask: jax.Array, tokens: jax.Array,
                 token_mask: jax.Array, rngs: nnx.Rngs | None = None,
-                attention_layers: Sequence[int] = ()) -> TextOutput:
+                attention_layers: Sequence[int] = (), hidden_layers: Sequence[int] = ()
+                ) -> TextOutput:
         """Teacher forcing over ``[prefix | text]`` (see
         :class:`~pixelllm.language.interface.LanguageModel`); positions count valid inputs only.
-        ``rngs`` is accepted for the interface: this model has no dropout."""
+        ``hidden_layers`` (indices of :func:`hidden_state_indices`) adds those residual-stream
+        states at the text positions, ``{index: [N, L, D]}``. ``rngs`` is accepted for the
+        interface: this model has no dropout."""
         del rngs
         text = self.embed(tokens)
         sequence = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
         mask = jnp.concatenate([prefix_mask.astype(bool), token_mask.astype(bool)], axis=1)
         out = self(embeddings=sequence, positions=valid_positions(mask), input_mask=mask,
-                   attention_layers=attention_layers, with_logits=False)
+                   attention_layers=attention_layers, hidden_layers=hidden_layers,
+                   with_logits=False)
         start = prefix.shape[1]
         attention = None if out.attention is None else {
             layer: probs[:, :, start:] for layer, probs in out.attention.items()}
+        hidden_states = None if out.hidden_states is None else {
+            index: state[:, start:] for index, state in out.hidden_states.items()}
         # Logits of the text positions only: the vocabulary projection of the prefix would be
         # discarded (and XLA does not move the slice before the matmul).
         hidden = out.hidden[:, start:]
-        return TextOutput(self.logits(hidden), hidden, attention)
+        return TextOutput(self.logits(hidden), hidden, attention, hidden_states)
 
     def prefill(self, *, prefix: jax.Array, prefix_mask: jax.Array, bos_id: int,
                 max_new_tokens: int) -> DecodeStart:
@@ -594,10 +643,11 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         return load(self, state_dict, source=source)
 
 
-def _check_layers(layers: Sequence[int], num_layers: int) -> None:
-    bad = sorted(set(layers) - set(range(num_layers)))
+def _check_indices(field: str, indices: Sequence[int], valid: range, num_layers: int) -> None:
+    bad = sorted(set(indices) - set(valid))
     if bad:
-        raise ValueError(f"attention_layers {bad} out of range for {num_layers} layers")
+        raise ValueError(f"{field} {bad} out of range: valid indices are {valid.start}.."
+                         f"{valid.stop - 1} for {num_layers} layers")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,10 +34,15 @@ class TextOutput(NamedTuple):
     text queries over all K keys of that layer (decoder-only: self-attention over
     ``[prefix | text]``, K = P + L; T5: the decoder's cross-attention over the prefix, K = P).
     Masked keys get probability 0; every row sums to 1.
+    ``hidden_states``: None, or ``{index: [N, L, D]}`` residual-stream states at the text
+    positions, indexed as transformers' ``output_hidden_states`` (0 the input embeddings, the last
+    after the final norm); only :class:`~pixelllm.language.decoder.DecoderLM` returns them, when
+    its ``forward`` is given ``hidden_layers``.
     """
     logits: jax.Array
     hidden: jax.Array
     attention: dict[int, jax.Array] | None
+    hidden_states: dict[int, jax.Array] | None = None
 
 
 class DecodeStart(NamedTuple):

@@ -17,13 +17,17 @@ the whole sequence before they are cut; bounding that too needs the decoder to s
 
 **Phrases** are token spans ``[start, end)`` over the text positions, ``[N, M, 2]`` with a
 validity mask ``[N, M]`` (``M`` static): for :class:`~pixelllm.models.flmm.llava.Llava` caption
-token ``i`` is text position ``CAPTION_START + i`` (:func:`llava_phrase_maps` shifts caption spans).
+token ``i`` is text position ``CAPTION_START + i`` (:func:`llava_grounding` shifts caption spans).
 An invalid or empty phrase gets all-zero maps.
 
 **Text states for the refiner.** F-LMM mixes ``hidden_states[-layers:]`` of transformers 4.39's
 Llama (the residual stream after blocks ``0 .. layers-2`` and, last, the final norm's output)
 with ``softmax(text_layer_weights)`` (one learned scalar per layer, initialised to ones) and
-projects every token of a phrase to SAM's width (:func:`mix_layers`, :func:`phrase_tokens`).
+projects every token of a phrase to SAM's width (the mix and projection are
+:class:`~pixelllm.models.flmm.flmm.FlmmHead`'s; :func:`phrase_tokens` gathers the tokens).
+The decoder returns exactly those states (``hidden_layers=Llava.flmm_hidden_layers``), so
+:func:`llava_grounding` takes the maps and every phrase token's per-layer states, the
+refiner's ``text_hidden [N, M, S, layers, D]`` (mixed there), from one forward.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pixelllm.models.flmm.llava import CAPTION_START, Llava, LlavaInputs
+from pixelllm.models.flmm.llava import CAPTION_START, Llava, LlavaInputs, stack_hidden_states
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -76,32 +80,9 @@ def phrase_attention_maps(attention: Mapping[int, jax.Array], weights: jax.Array
     return stacked.reshape(*stacked.shape[:3], *grid)
 
 
-def llava_phrase_maps(model: Llava, inputs: LlavaInputs, *, caption_spans: jax.Array,
-                      valid: jax.Array) -> jax.Array:
-    """F-LMM's attention maps of one teacher-forced LLaVA forward over every layer.
-
-    ``caption_spans [N, M, 2]``: ``[start, end)`` in caption tokens; ``valid [N, M]``.
-    Returns float32 ``[N, M, layers * H, h, w]``, without gradient (the LMM is frozen and F-LMM
-    runs it under ``no_grad``).
-    """
-    layers = range(model.language_model.config.num_layers)
-    out = model(inputs, attention_layers=layers)
-    weights = phrase_weights(caption_spans + CAPTION_START, valid, inputs.tokens.shape[1])
-    maps = phrase_attention_maps(out.attention, weights, image_columns=model.image_columns(inputs),
-                                 grid=model.grid)
-    return jax.lax.stop_gradient(maps)
-
-
-def mix_layers(hidden_states: jax.Array, layer_logits: jax.Array) -> jax.Array:
-    """F-LMM's text-layer mix: ``hidden_states [layers, N, L, D]`` weighted by
-    ``softmax(layer_logits [layers])`` and summed -> ``[N, L, D]`` (float32 weights)."""
-    weights = jax.nn.softmax(layer_logits.astype(jnp.float32))
-    return jnp.einsum("y,ynld->nld", weights, hidden_states.astype(jnp.float32),
-                      precision=_HIGHEST)
-
-
 class PhraseTokens(NamedTuple):
-    """``states [N, M, S, D]``: the phrase's tokens in order, ``mask [N, M, S]`` which are real."""
+    """``states [N, M, S, ...]``: the phrase's tokens in order, ``mask [N, M, S]`` which are
+    real."""
     states: jax.Array
     mask: jax.Array
 
@@ -109,13 +90,44 @@ class PhraseTokens(NamedTuple):
 def phrase_tokens(hidden: jax.Array, spans: jax.Array, valid: jax.Array, *,
                   max_tokens: int) -> PhraseTokens:
     """Every token state of each phrase (F-LMM's ``hidden_states[matched]``, which become SAM's
-    text prompt tokens), in ``max_tokens`` static slots. ``hidden [N, L, D]``, ``spans [N, M, 2]``
-    text positions, ``valid [N, M]``; a phrase longer than ``max_tokens`` is cut."""
+    text prompt tokens), in ``max_tokens`` static slots. ``hidden [N, L, ...]`` (e.g. ``[N, L,
+    D]``, or ``[N, L, layers, D]`` from :func:`~pixelllm.models.flmm.llava.stack_hidden_states`),
+    ``spans [N, M, 2]`` text positions, ``valid [N, M]``; a phrase longer than ``max_tokens`` is
+    cut."""
     index = spans[..., :1] + jnp.arange(max_tokens)  # [N, M, S]
     mask = (index < spans[..., 1:]) & valid.astype(bool)[..., None]
     index = jnp.where(mask, index, 0)
     batch, slots = index.shape[:2]
-    states = jnp.take_along_axis(hidden, index.reshape(batch, -1)[..., None], axis=1)
-    states = states.reshape(batch, slots, max_tokens, -1)
-    return PhraseTokens(states=jnp.where(mask[..., None], states, 0).astype(hidden.dtype),
-                        mask=mask)
+    states = jax.vmap(lambda h, i: h[i])(hidden, index.reshape(batch, -1))
+    states = states.reshape(batch, slots, max_tokens, *hidden.shape[2:])
+    keep = mask.reshape(*mask.shape, *(1,) * (hidden.ndim - 2))
+    return PhraseTokens(states=jnp.where(keep, states, 0).astype(hidden.dtype), mask=mask)
+
+
+class LlavaGrounding(NamedTuple):
+    """What F-LMM's head reads from one LLaVA forward, per phrase: ``maps [N, M, layers * H, h,
+    w]`` (:func:`phrase_attention_maps`), ``text_hidden [N, M, S, layers, D]`` every phrase
+    token's states of the layers F-LMM mixes and ``text_valid [N, M, S]`` which tokens are real
+    (:class:`~pixelllm.models.flmm.flmm.FlmmHeadInputs`' ``text_hidden`` / ``text_valid``)."""
+    maps: jax.Array
+    text_hidden: jax.Array
+    text_valid: jax.Array
+
+
+def llava_grounding(model: Llava, inputs: LlavaInputs, *, caption_spans: jax.Array,
+                    valid: jax.Array, max_tokens: int) -> LlavaGrounding:
+    """F-LMM's attention maps of one teacher-forced LLaVA forward over every layer, and the
+    phrase tokens' hidden states (``hidden_states[-layers:]``, :attr:`Llava.flmm_hidden_layers`)
+    from the same forward, without gradient (the LMM is frozen and F-LMM runs it under
+    ``no_grad``). ``caption_spans [N, M, 2]`` in caption tokens, ``valid [N, M]``; ``max_tokens``
+    (static) token slots per phrase."""
+    out = model(inputs, attention_layers=range(model.language_model.config.num_layers),
+                hidden_layers=model.flmm_hidden_layers)
+    spans = caption_spans + CAPTION_START
+    maps = phrase_attention_maps(out.attention,
+                                 phrase_weights(spans, valid, inputs.tokens.shape[1]),
+                                 image_columns=model.image_columns(inputs), grid=model.grid)
+    tokens = phrase_tokens(stack_hidden_states(out.hidden_states), spans, valid,
+                           max_tokens=max_tokens)
+    return jax.lax.stop_gradient(LlavaGrounding(maps=maps, text_hidden=tokens.states,
+                                                text_valid=tokens.mask))

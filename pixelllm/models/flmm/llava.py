@@ -236,15 +236,37 @@ class Llava(nnx.Module):
         start = inputs.prompt_before.shape[1]
         return start, start + self.num_image_tokens
 
-    def __call__(self, inputs: LlavaInputs, *, attention_layers: Sequence[int] = ()
-                 ) -> TextOutput:
+    @property
+    def flmm_hidden_layers(self) -> range:
+        """The ``hidden_layers`` F-LMM reads: transformers' ``hidden_states[-num_layers:]``,
+        indices ``1 .. num_layers`` (every block's output, the last one after the final norm;
+        :func:`~pixelllm.language.decoder.hidden_state_indices`)."""
+        return range(1, self.language_model.config.num_layers + 1)
+
+    def __call__(self, inputs: LlavaInputs, *, attention_layers: Sequence[int] = (),
+                 hidden_layers: Sequence[int] = ()) -> TextOutput:
         """Teacher forcing of ``inputs.tokens`` after the image prompt: logits ``[N, L, V]``,
-        final hidden ``[N, L, D]``, and the requested layers' attention ``[N, H, L, K]`` over
-        ``K = Pb + T + Pa + L`` keys."""
+        final hidden ``[N, L, D]``, the requested layers' attention ``[N, H, L, K]`` over
+        ``K = Pb + T + Pa + L`` keys, and the requested hidden states ``{index: [N, L, D]}`` at
+        the text positions (``hidden_layers`` needs a
+        :class:`~pixelllm.language.decoder.DecoderLM`; :func:`stack_hidden_states` lays them out
+        for F-LMM's head)."""
         prefix, prefix_mask = self.prefix(inputs)
+        # Only DecoderLM's forward takes hidden_layers; without them any LanguageModel serves.
+        hidden = {"hidden_layers": hidden_layers} if hidden_layers else {}
         return self.language_model.forward(prefix=prefix, prefix_mask=prefix_mask,
                                            tokens=inputs.tokens, token_mask=inputs.token_mask,
-                                           attention_layers=attention_layers)
+                                           attention_layers=attention_layers, **hidden)
+
+
+def stack_hidden_states(hidden_states: Mapping[int, jax.Array]) -> jax.Array:
+    """``{index: [N, L, D]}`` (:attr:`TextOutput.hidden_states`) -> ``[N, L, layers, D]``, the
+    layers in increasing index order: per text position the layer axis F-LMM's text projection
+    mixes (:class:`~pixelllm.models.flmm.flmm.FlmmHeadInputs`' ``text_hidden [B, P, T, L, D]``
+    once the phrase tokens are gathered)."""
+    if not hidden_states:
+        raise ValueError("no hidden states to stack: call the model with hidden_layers")
+    return jnp.stack([hidden_states[i] for i in sorted(hidden_states)], axis=2)
 
 
 def build(config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,

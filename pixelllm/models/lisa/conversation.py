@@ -80,7 +80,7 @@ def prompt(question: str, answer: str) -> str:
                         DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
 
 
-def _image_split(text: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+def image_split(text: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """LLaVA's ``tokenizer_image_token`` for one image: (ids before, ids after) the image,
     the first with BOS."""
     chunks = text.split(DEFAULT_IMAGE_TOKEN)
@@ -99,7 +99,7 @@ def tokenize(question: str, answer: str, tokenizer: Tokenizer) -> ConversationTo
     (``cur_len == total_len``) would fail, or the answer would start before the image.
     """
     text = prompt(question, answer)
-    before, after = _image_split(text, tokenizer)
+    before, after = image_split(text, tokenizer)
     total = len(before) + 1 + len(after)
     assistant = f"{SEP}{ROLES[1]}: "
     turn = text[:-len(SEP2)]
@@ -108,8 +108,8 @@ def tokenize(question: str, answer: str, tokenizer: Tokenizer) -> ConversationTo
         raise ValueError(f"{text!r}: expected one {assistant!r} separating question and answer")
     # LISA: instruction_len = len(tokenizer_image_token(parts[0] + sep)) - 2, labels from
     # 1 + instruction_len, and 1 + len(tokenizer_image_token(round)) must equal the total.
-    instruction = sum(map(len, _image_split(parts[0] + assistant, tokenizer))) + 1 - 2
-    round_length = sum(map(len, _image_split(turn, tokenizer))) + 1
+    instruction = sum(map(len, image_split(parts[0] + assistant, tokenizer))) + 1 - 2
+    round_length = sum(map(len, image_split(turn, tokenizer))) + 1
     if 1 + round_length != total:
         raise ValueError(f"{text!r}: tokenized in LISA's rounds it has {1 + round_length} tokens, "
                          f"whole {total} (LISA's cur_len == total_len check)")

@@ -34,6 +34,9 @@ embeddings and of the output head (``embed_tokens``/``lm_head`` set trainable af
 tower, the projector, SAM's image encoder and prompt encoder, the LLM's base weights
 (:meth:`Lisa.trainable`). LISA runs the vision tower and SAM's image encoder under
 ``torch.no_grad``; here both are ``stop_gradient``.
+
+Inference (LISA's ``evaluate()``: greedy answer, a mask per generated ``[SEG]``) is
+:mod:`pixelllm.models.lisa.inference`.
 """
 
 from __future__ import annotations
@@ -174,13 +177,24 @@ class Lisa(nnx.Module):
         with its image's tokens spliced in place of ``<image>``."""
         batch, convs = inputs.tokens.shape[:2]
         flat = lambda x: x.reshape(batch * convs, *x.shape[2:])
-        before = self.language_model.embed(flat(inputs.prompt_before))
-        after = self.language_model.embed(flat(inputs.prompt_after))
-        image = jnp.repeat(image_tokens, convs, axis=0).astype(before.dtype)
+        return self.splice(prompt_before=flat(inputs.prompt_before),
+                           prompt_before_mask=flat(inputs.prompt_before_mask),
+                           image_tokens=jnp.repeat(image_tokens, convs, axis=0),
+                           prompt_after=flat(inputs.prompt_after),
+                           prompt_after_mask=flat(inputs.prompt_after_mask))
+
+    def splice(self, *, prompt_before: jax.Array, prompt_before_mask: jax.Array,
+               image_tokens: jax.Array, prompt_after: jax.Array,
+               prompt_after_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One prompt per row: ``prompt_before [N, Pb]``, ``image_tokens [N, T, D]``,
+        ``prompt_after [N, Pa]`` (with their masks) -> ``(prefix [N, Pb + T + Pa, D], mask)``."""
+        before = self.language_model.embed(prompt_before)
+        after = self.language_model.embed(prompt_after)
+        image = image_tokens.astype(before.dtype)
         prefix = jnp.concatenate([before, image, after], axis=1)
-        mask = jnp.concatenate([flat(inputs.prompt_before_mask).astype(bool),
+        mask = jnp.concatenate([prompt_before_mask.astype(bool),
                                 jnp.ones(image.shape[:2], bool),
-                                flat(inputs.prompt_after_mask).astype(bool)], axis=1)
+                                prompt_after_mask.astype(bool)], axis=1)
         return prefix, mask
 
     def segment(self, image_embeddings: jax.Array, seg_embeddings: jax.Array) -> jax.Array:

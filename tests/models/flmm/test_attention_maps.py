@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from pixelllm.models.flmm import attention_maps as maps_lib
-from pixelllm.models.flmm import llava
 from tests.models.flmm import test_llava as reference
 
 HEADS, ROWS = 2, 4
@@ -73,8 +72,9 @@ def test_llava_maps_and_text_states_match_flmm_on_transformers():
     # Image 0: phrases over caption tokens [0, 2) and [3, 6); image 1: [1, 4) and a padding slot.
     spans = jnp.asarray([[[0, 2], [3, 6]], [[1, 4], [0, 0]]])
     valid = jnp.asarray([[True, True], [True, False]])
-    maps = jax.jit(lambda m, x: maps_lib.llava_phrase_maps(m, x, caption_spans=spans,
-                                                           valid=valid))(ours, inputs)
+    grounding = jax.jit(lambda m, x: maps_lib.llava_grounding(
+        m, x, caption_spans=spans, valid=valid, max_tokens=3))(ours, inputs)
+    maps = grounding.maps
     layers, heads = hf.config.text_config.num_hidden_layers, 4
     assert maps.shape == (2, 2, layers * heads, reference.GRID, reference.GRID)
     layer_logits = torch.tensor([0.3, -0.8])
@@ -85,17 +85,12 @@ def test_llava_maps_and_text_states_match_flmm_on_transformers():
             ref, np.asarray(spans[i, :count]), layer_logits)
         np.testing.assert_allclose(maps[i, :count], expected_maps, atol=1e-6)
         assert np.all(np.asarray(maps[i, count:]) == 0)
-        # The mix and the phrase tokens, on transformers' per-layer states (the decoder returns
-        # only its final hidden state).
-        prompt = len(reference.PROMPT) - 1 + reference.GRID ** 2
-        text_states = jnp.stack([jnp.asarray(h[:, prompt - 1:].numpy())
-                                 for h in ref.hidden_states[-layers:]])
-        mixed = maps_lib.mix_layers(text_states, jnp.asarray(layer_logits.numpy()))
-        tokens = maps_lib.phrase_tokens(
-            mixed, spans[i:i + 1] + llava.CAPTION_START, valid[i:i + 1], max_tokens=3)
+        # The refiner's text input from the same forward, mixed over layers as FlmmHead mixes
+        # it, against F-LMM's mixed states of each phrase's tokens.
+        weights = torch.softmax(layer_logits, 0).numpy()
+        mixed = np.einsum("y,msyd->msd", weights, np.asarray(grounding.text_hidden[i]))
         for phrase, states in enumerate(expected_states):
-            np.testing.assert_allclose(tokens.states[0, phrase, :len(states)], states,
-                                       atol=1e-5, rtol=1e-5)
-            np.testing.assert_array_equal(tokens.mask[0, phrase],
+            np.testing.assert_allclose(mixed[phrase, :len(states)], states, atol=1e-5, rtol=1e-5)
+            np.testing.assert_array_equal(grounding.text_valid[i, phrase],
                                           np.arange(3) < len(states))
-        assert not np.any(tokens.mask[0, count:])
+        assert not np.any(np.asarray(grounding.text_valid[i, count:]))

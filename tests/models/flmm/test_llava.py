@@ -1,7 +1,9 @@
 """LLaVA-1.5 against transformers' LlavaForConditionalGeneration at tiny random sizes (eager
-attention): the caption positions' logits and every layer's attention probabilities, with one
-caption right-padded in our batch; the loader under both transformers layouts and its strictness;
-F-LMM's image preprocessing; the full-size parameter count."""
+attention): the caption positions' logits, every layer's attention probabilities and the hidden
+states F-LMM reads (``hidden_states[-layers:]``, in its head's layout, from the same forward as
+the attention maps), with one caption right-padded in our batch; the loader under both
+transformers layouts and its strictness; F-LMM's image preprocessing; the full-size parameter
+count."""
 
 import functools
 import math
@@ -19,7 +21,7 @@ from transformers.initialization import no_init_weights
 
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.encoders import clip
-from pixelllm.models.flmm import llava
+from pixelllm.models.flmm import attention_maps, llava
 
 IMAGE, BOS = 47, 1
 PROMPT = [BOS, 5, 6, IMAGE, 13, 7, 8, 9, 10]          # <s> USER: <image> \n ... ASSISTANT:
@@ -84,11 +86,15 @@ def test_split_prompt():
         llava.split_prompt([BOS, IMAGE, IMAGE, 5], image_token_id=IMAGE)
 
 
-def test_logits_and_attention_match_transformers():
+def test_logits_attention_and_hidden_states_match_transformers():
     hf, _, ours, pixels = tiny_reference()
     inputs = our_inputs(pixels)
     layers = hf.config.text_config.num_hidden_layers
-    out = jax.jit(lambda m, x: m(x, attention_layers=range(layers)))(ours, inputs)
+    assert ours.flmm_hidden_layers == range(1, layers + 1)
+    out = jax.jit(lambda m, x: m(x, attention_layers=range(layers),
+                                 hidden_layers=m.flmm_hidden_layers))(ours, inputs)
+    states = llava.stack_hidden_states(out.hidden_states)
+    assert states.shape == (2, 1 + MAX_CAPTION, layers, 32)   # [N, L, layers, D]
     start, stop = ours.image_columns(inputs)
     prompt_length = len(PROMPT) - 1 + GRID * GRID - 1   # everything before the last prompt token
     assert (start, stop) == (3, 3 + GRID * GRID)
@@ -106,6 +112,36 @@ def test_logits_and_attention_match_transformers():
                                        atol=1e-5)
             np.testing.assert_allclose(probs[:, :n, :prompt_length + n], expected, atol=1e-5)
             assert np.all(probs[:, :n, prompt_length + n:] == 0)
+        # F-LMM's hidden_states[-layers:]: every block's output, the last after the final norm.
+        for j, reference in enumerate(ref.hidden_states[-layers:]):
+            np.testing.assert_allclose(states[i, :n, j], reference[0, rows].numpy(), atol=1e-5,
+                                       rtol=1e-5)
+
+
+def test_grounding_gives_flmm_head_text_states_from_the_same_forward():
+    hf, _, ours, pixels = tiny_reference()
+    inputs = our_inputs(pixels)
+    # Image 0: phrases over caption tokens [0, 2) and [3, 6); image 1: [1, 4) and a padding slot.
+    spans = jnp.asarray([[[0, 2], [3, 6]], [[1, 4], [0, 0]]])
+    valid = jnp.asarray([[True, True], [True, False]])
+    grounding = jax.jit(lambda m, x: attention_maps.llava_grounding(
+        m, x, caption_spans=spans, valid=valid, max_tokens=3))(ours, inputs)
+    layers = hf.config.text_config.num_hidden_layers
+    assert grounding.maps.shape == (2, 2, layers * 4, GRID, GRID)
+    # FlmmHeadInputs.text_hidden [B, P, T, L, D] and text_valid [B, P, T].
+    assert grounding.text_hidden.shape == (2, 2, 3, layers, 32)
+    np.testing.assert_array_equal(grounding.text_valid, [[[1, 1, 0], [1, 1, 1]],
+                                                         [[1, 1, 1], [0, 0, 0]]])
+    first_caption_row = len(PROMPT) - 1 + GRID * GRID   # transformers' row of caption token 0
+    for i in range(2):
+        ref = hf_forward(hf, pixels, i)
+        expected = torch.stack([h[0] for h in ref.hidden_states[-layers:]], dim=1).numpy()
+        for phrase in range(int(valid[i].sum())):
+            start, end = (int(v) for v in spans[i, phrase])
+            np.testing.assert_allclose(grounding.text_hidden[i, phrase, :end - start],
+                                       expected[first_caption_row + start:first_caption_row + end],
+                                       atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(grounding.text_hidden)[~np.asarray(grounding.text_valid)] == 0)
 
 
 def test_image_tokens_match_transformers():
