@@ -36,8 +36,7 @@ from flax import nnx
 from pixelllm import tasks
 from pixelllm.models.pixel_llm import generation
 from pixelllm.models.pixel_llm.generation import Generation
-from pixelllm.models.pixel_llm.pixel_llm import PixelLLM, padding_mask
-from pixelllm.nn.resize import resize_2d
+from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
 
 
 class DecodeSettings(NamedTuple):
@@ -109,13 +108,11 @@ def location_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
 
 
 class Referring(NamedTuple):
-    """``boxes [B, S, 4]`` canvas pixels; with segmentation, ``masks [B, S, H, W]`` bool on the
-    canvas (False on padding), ``mask_logits [B, S, H/4, W/4]`` SAM's logits over the whole
-    canvas (what original-size masks are made from, as the official evaluator does:
-    :func:`pixelllm.evaluators.refcoco.mask_logits_to_original`) and ``mask_scores [B, S]``
-    SAM's predicted IoU; all three None for localization only."""
+    """``boxes [B, S, 4]`` canvas pixels; with segmentation, ``mask_logits [B, S, h, w]``
+    SAM's low-resolution logits over the whole canvas (4x its embedding grid: H/4 at patch 16) (masks are made from them at the original size, as the
+    official evaluator does: :func:`pixelllm.evaluators.refcoco.mask_logits_to_original`) and
+    ``mask_scores [B, S]`` SAM's predicted IoU; both None for localization only."""
     boxes: jax.Array
-    masks: jax.Array | None
     mask_logits: jax.Array | None
     mask_scores: jax.Array | None
 
@@ -129,12 +126,8 @@ def _refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
                             context_tokens=context_tokens, context_mask=context_mask,
                             text_tokens=text_tokens, text_mask=text_mask, with_masks=segment)
     if not segment:
-        return Referring(boxes=slots.eos_boxes, masks=None, mask_logits=None, mask_scores=None)
-    height, width = image.shape[1:3]
-    logits = resize_2d(slots.masks[..., None], (height, width), mode="linear")[..., 0]
-    masks = (logits > 0) & padding_mask(valid_wh, (height, width))[:, None]
-    return Referring(boxes=slots.eos_boxes, masks=masks, mask_logits=slots.masks,
-                     mask_scores=slots.mask_iou)
+        return Referring(boxes=slots.eos_boxes, mask_logits=None, mask_scores=None)
+    return Referring(boxes=slots.eos_boxes, mask_logits=slots.masks, mask_scores=slots.mask_iou)
 
 
 def refer(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,

@@ -63,14 +63,12 @@ def test_every_task_returns_documented_shapes_and_ranges(tiny_t5_config, make_ba
     assert not np.allclose(out["loca"].log_prob, out["loca_points"].log_prob)
 
     refer = out["refer"]
-    assert refer.boxes.shape == (b, s, 4) and refer.masks.shape == (b, s, 32, 32)
-    masks = np.asarray(refer.masks)
-    assert not masks[1, :, int(wh[1, 1]):].any()  # image 1 is padded below its valid height
+    assert refer.boxes.shape == (b, s, 4) and refer.mask_logits.shape == (b, s, 32, 32)
     boxes = np.asarray(refer.boxes)
     assert (boxes[..., :2] <= boxes[..., 2:]).all() and (boxes[..., 2:] <= wh[:, None]).all()
     # Localization alone reads the same EOS box and makes no mask.
     np.testing.assert_allclose(out["refer_boxes"].boxes, boxes, atol=1e-5)
-    assert out["refer_boxes"].masks is None and out["refer_boxes"].mask_scores is None
+    assert out["refer_boxes"].mask_logits is None and out["refer_boxes"].mask_scores is None
 
     # Dense captioning: CenterNet2's detections (tiny: 8 per image), ranked by the detector's
     # score (official: no caption rescoring), clipped to the canvas.
