@@ -8,6 +8,7 @@ truncated file fails with the offending keys named instead of producing a silent
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -22,6 +23,27 @@ class CheckpointMismatchError(ValueError):
 
 # What a checkpoint holds: every variable but random-number state (dropout / drop-path streams).
 WEIGHTS = nnx.Not(nnx.RngState)
+
+
+def stored_shape(state_dict: Mapping[str, np.ndarray], key: str, *, rank: int, source: str,
+                 family: str) -> tuple[int, ...]:
+    """The shape of ``state_dict[key]``, which a ``family`` checkpoint (e.g. "SAM") holds as a
+    non-empty ``rank``-d array: converters read their sizes from it. A missing key or another
+    rank raises :class:`CheckpointMismatchError` naming ``source`` and the key."""
+    if key not in state_dict:
+        raise CheckpointMismatchError(f"{source}: {family} key {key} is missing")
+    found = tuple(np.shape(state_dict[key]))
+    if len(found) != rank or 0 in found:
+        raise CheckpointMismatchError(f"{source}: {family} key {key} has shape {found}; a "
+                                      f"{family} checkpoint holds a non-empty {rank}-d array "
+                                      f"there")
+    return found
+
+
+def stack_depth(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
+    """``1 + max(i)`` over keys ``{prefix}{i}.…`` (0 if none): a stack's depth in a file."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
 
 
 def _join(path: tuple) -> str:

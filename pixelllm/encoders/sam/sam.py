@@ -14,7 +14,6 @@ loads it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from pixelllm.checkpoints import key_map
-from pixelllm.checkpoints.assign import CheckpointMismatchError
+from pixelllm.checkpoints.assign import CheckpointMismatchError, stack_depth, stored_shape
 from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
@@ -155,12 +154,6 @@ def _image_encoder_size(embed_dim: int, depth: int) -> str:
     return f"{name} ({size})" if name else f"a SAM image encoder of {size}"
 
 
-def _count(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
-    """``1 + max(i)`` over keys ``{prefix}{i}.…`` (0 if none): a stack's depth in a file."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
-
-
 def _variant_hint(model: Sam, state_dict: Mapping[str, np.ndarray], layout: str) -> str | None:
     """What the file's image encoder looks like (e.g. vit_b) when it differs from the model's."""
     prefix = _PREFIXES[layout][0]
@@ -168,7 +161,7 @@ def _variant_hint(model: Sam, state_dict: Mapping[str, np.ndarray], layout: str)
     if pos_embed is None or np.ndim(pos_embed) == 0:  # the key listing says what is wrong
         return None
     blocks = prefix + _BLOCKS[layout] + "."
-    file_size = _image_encoder_size(np.shape(pos_embed)[-1], _count(state_dict, blocks))
+    file_size = _image_encoder_size(np.shape(pos_embed)[-1], stack_depth(state_dict, blocks))
     model_size = _image_encoder_size(model.image_encoder.pos_embed.get_value().shape[-1],
                                      len(model.image_encoder.blocks))
     if file_size == model_size:
@@ -210,19 +203,13 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
     hf = layout == "transformers"
 
     def shape(key: str, rank: int) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointMismatchError(f"{source}: SAM key {key} is missing")
-        found = tuple(np.shape(state_dict[key]))
-        if len(found) != rank or 0 in found:
-            raise CheckpointMismatchError(f"{source}: SAM key {key} has shape {found}; a SAM "
-                                          f"checkpoint holds a non-empty {rank}-d array there")
-        return found
+        return stored_shape(state_dict, key, rank=rank, source=source, family="SAM")
 
     embed_dim, _, patch, _ = shape(image + ("patch_embed.projection" if hf else "patch_embed.proj")
                                    + ".weight", 4)
     grid = shape(image + "pos_embed", 4)[1]
     blocks = image + _BLOCKS[layout] + "."
-    depth = _count(state_dict, blocks)
+    depth = stack_depth(state_dict, blocks)
     tables = [shape(f"{blocks}{i}.attn.rel_pos_h", 2) for i in range(depth)]
     windows = {n for n, _ in tables if n != 2 * grid - 1}
     if len(windows) > 1:
@@ -234,7 +221,7 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
     lin1 = shape(mask + "transformer.layers.0.mlp.lin1.weight", 2)
     cross_q = shape(mask + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight", 2)
     iou_first = mask + "iou_prediction_head." + ("proj_in" if hf else "layers.0") + ".weight"
-    iou_depth = _count(state_dict, mask + "iou_prediction_head.layers.") + (2 if hf else 0)
+    iou_depth = stack_depth(state_dict, mask + "iou_prediction_head.layers.") + (2 if hf else 0)
     mask_conv3 = prompt + ("mask_embed.conv3" if hf else "mask_downscaling.6") + ".weight"
     return {
         "image_encoder": dict(
@@ -247,7 +234,7 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
         "prompt_encoder": dict(embed_dim=transformer_dim, mask_in_chans=shape(mask_conv3, 4)[1]),
         "mask_decoder": dict(
             transformer_dim=transformer_dim,
-            transformer_depth=_count(state_dict, mask + "transformer.layers."),
+            transformer_depth=stack_depth(state_dict, mask + "transformer.layers."),
             transformer_heads=decoder_heads, transformer_mlp_dim=lin1[0],
             attention_downsample_rate=transformer_dim // cross_q[0],
             num_multimask_outputs=shape(mask + "mask_tokens.weight", 2)[0] - 1,

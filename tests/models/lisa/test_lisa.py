@@ -2,7 +2,6 @@
 mask losses without masks, and what trains (the trained set and where gradients reach) on a
 tiny LISA with the real CLIP tower."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

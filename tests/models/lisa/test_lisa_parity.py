@@ -6,7 +6,6 @@ project's loaders; the vision tower is a linear patch embedding on both sides.""
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
