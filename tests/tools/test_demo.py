@@ -57,10 +57,8 @@ def test_the_table_says_which_targets_are_met():
 
 def test_quick_demo_writes_every_key_and_picture(tmp_path):
     out = tmp_path / "demo_out"
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
-    # A plumbing run of a few steps: compile time is what to save (tests/conftest.py,
-    # cheap_compilation).
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    # One device; compiled without LLVM optimization, as every test (tests/conftest.py).
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "--quick",
                              f"--out={out}", "--num_overlay_images=1"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

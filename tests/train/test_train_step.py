@@ -26,7 +26,7 @@ from tests.models.pixel_llm.conftest import synthetic_batch
 
 # Module fixtures compile the tiny model: all of this module runs on one xdist worker
 # (launch/test.sh uses --dist loadgroup), so they are built once.
-pytestmark = [pytest.mark.xdist_group("test_train_step"), pytest.mark.cheap_compilation]
+pytestmark = [pytest.mark.xdist_group("test_train_step")]
 
 BATCH = 8
 TASKS = ("trace", "refseg", "densecap", "refer")

@@ -14,8 +14,6 @@ from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.models.flmm import mask_head
 from pixelllm.models.flmm.mask_head import UNetMaskHead
 
-pytestmark = pytest.mark.cheap_compilation
-
 
 class TorchConvModule(nn.Module):
     """mmcv ConvModule(conv_cfg=None, norm_cfg=GroupNorm(1), act_cfg=ReLU): bias off."""

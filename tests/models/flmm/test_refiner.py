@@ -21,8 +21,6 @@ from pixelllm.models.flmm.mask_head import UNetMaskHead
 from pixelllm.models.flmm.refiner import SamRefiner, box_from_mask
 from tests import segment_anything_reference
 
-pytestmark = pytest.mark.cheap_compilation
-
 
 def _sam_config():
     # The tiny config's 4 mask channels leave one channel after the first downscaling conv,

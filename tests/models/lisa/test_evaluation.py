@@ -21,8 +21,6 @@ from pixelllm.language.hf_tokenizer import HFTokenizer
 from pixelllm.models.lisa import checkpoint, evaluation
 from pixelllm.models.lisa.lisa import LisaOutput
 
-pytestmark = pytest.mark.cheap_compilation
-
 SP_VOCAB = 360
 CORPUS = ["What is the red apple in this image? Please output segmentation mask.",
           "A chat between a curious human and an artificial intelligence assistant.",

@@ -2,19 +2,16 @@
 segmentation): text, per-word points and EOS boxes. Mask quality rests on SAM's pretrained
 weights (frozen), so random tiny SAM masks are not expected to fit here.
 
-The programs compile with ``jax_disable_most_optimizations`` (no LLVM optimization of the CPU
-code): compiling the step and the inference takes far longer than running 100 steps."""
+Like every test, it compiles without LLVM optimization of the CPU code (tests/conftest.py):
+compiling the step and the inference takes far longer than running 100 steps."""
 
 import numpy as np
 import optax
-import pytest
 from configs import pixelllm as pixelllm_config
 from flax import nnx
 
 from pixelllm.models.pixel_llm import inference, objective
 from pixelllm.nn import box_ops
-
-pytestmark = pytest.mark.cheap_compilation
 
 
 def test_overfits_one_mixed_batch(make_batch, build_model):

@@ -13,8 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pixelllm import sharding
 from pixelllm.models.pixel_llm import objective
 
-pytestmark = pytest.mark.cheap_compilation
-
 
 def _loss_and_grads(model, batch, weights):
     trainable = model.trainable()
