@@ -40,6 +40,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from pixelllm.evaluators.mask_tally import MaskTally, check_masks, pixel_counts
 from pixelllm.evaluators.results_file import write_results
 
 IOU_EPSILON = np.float32(1e-12)  # compute_mask_IoU: intersection / (union + 1e-12)
@@ -50,8 +51,7 @@ ACCURACY_IOU = 0.5
 def mask_iou(pred_masks: np.ndarray, gt_masks: np.ndarray) -> np.ndarray:
     """Per-mask IoU of bool ``[N, H, W]`` masks as float32 ``[N]`` (F-LMM's
     ``compute_mask_IoU``)."""
-    intersection = (pred_masks & gt_masks).sum(axis=(1, 2), dtype=np.int64)
-    union = (pred_masks | gt_masks).sum(axis=(1, 2), dtype=np.int64)
+    intersection, union = pixel_counts(pred_masks, gt_masks)
     return intersection.astype(np.float32) / (union.astype(np.float32) + IOU_EPSILON)
 
 
@@ -73,8 +73,7 @@ class GroundingRecallEvaluator:
 
     def __init__(self, *, split: str):
         self.split = split
-        self._seen_ids: set[Hashable] = set()
-        self._duplicates = 0
+        self._tally = MaskTally()
         self._ious: list[np.ndarray] = []
         self._pixel_accuracy: list[np.ndarray] = []
         self._is_thing: list[np.ndarray] = []
@@ -100,24 +99,14 @@ class GroundingRecallEvaluator:
         ids = list(phrase_ids)
         pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
         is_thing, plural = np.asarray(is_thing), np.asarray(plural)
-        for name, masks in (("pred_masks", pred_masks), ("gt_masks", gt_masks)):
-            if masks.dtype != np.bool_ or masks.ndim != 3 or masks.shape[0] != len(ids):
-                raise ValueError(f"{where}: {name} must be bool [{len(ids)}, H, W], got "
-                                 f"{masks.dtype} {masks.shape}")
-        if gt_masks.shape != pred_masks.shape:
-            raise ValueError(f"{where}: gt_masks {gt_masks.shape} and pred_masks "
-                             f"{pred_masks.shape} differ (both at the original resolution)")
+        check_masks(where, pred_masks, gt_masks, count=len(ids), pred_hint="logits > 0")
+        if gt_masks.dtype != np.bool_:
+            raise ValueError(f"{where}: gt_masks must be bool, got {gt_masks.dtype}")
         for name, flags in (("is_thing", is_thing), ("plural", plural)):
             if flags.dtype != np.bool_ or flags.shape != (len(ids),):
                 raise ValueError(f"{where}: {name} must be bool [{len(ids)}], got "
                                  f"{flags.dtype} {flags.shape}")
-        keep = np.zeros(len(ids), bool)
-        for index, phrase_id in enumerate(ids):
-            if phrase_id in self._seen_ids:
-                self._duplicates += 1
-            else:
-                self._seen_ids.add(phrase_id)
-                keep[index] = True
+        keep = self._tally.new(ids)
         if not keep.any():
             return
         pred, gt = pred_masks[keep], gt_masks[keep]
@@ -141,7 +130,7 @@ class GroundingRecallEvaluator:
         metrics["num_phrases"] = float(ious.size)
         metrics.update({f"num{suffix}": float(chosen.sum())
                         for suffix, chosen in subsets.items() if suffix})
-        metrics["num_duplicates_skipped"] = float(self._duplicates)
+        metrics["num_duplicates_skipped"] = float(self._tally.duplicates)
         return metrics
 
     def write_json(self, path: str | pathlib.Path) -> None:

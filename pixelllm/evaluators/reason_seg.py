@@ -35,6 +35,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from pixelllm.evaluators.mask_tally import MaskTally, check_masks, pixel_counts
 from pixelllm.evaluators.results_file import write_results
 
 IGNORE_VALUE = 255
@@ -58,10 +59,7 @@ def intersection_and_union(pred_masks: np.ndarray, gt_masks: np.ndarray
     """
     target = gt_masks == 1
     counted = gt_masks != IGNORE_VALUE
-    predicted = pred_masks & counted
-    intersection = (predicted & target).sum(axis=(1, 2), dtype=np.int64)
-    union = (predicted | target).sum(axis=(1, 2), dtype=np.int64)
-    return intersection, union
+    return pixel_counts(pred_masks & counted, target)
 
 
 class ReasonSegEvaluator:
@@ -73,14 +71,11 @@ class ReasonSegEvaluator:
 
     def __init__(self, *, split: str):
         self.split = split
-        self._seen_ids: set[Hashable] = set()
-        self._duplicates = 0
-        self._intersection: list[np.ndarray] = []
-        self._union: list[np.ndarray] = []
+        self._tally = MaskTally()
 
     def __len__(self) -> int:
         """Number of masks scored so far."""
-        return sum(len(i) for i in self._intersection)
+        return len(self._tally)
 
     def add(self, *, mask_ids: Sequence[Hashable], pred_masks: np.ndarray,
             gt_masks: np.ndarray) -> None:
@@ -95,13 +90,8 @@ class ReasonSegEvaluator:
         where = f"ReasonSegEvaluator({self.split!r})"
         ids = list(mask_ids)
         pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
-        if pred_masks.dtype != np.bool_ or pred_masks.ndim != 3 or (
-                pred_masks.shape[0] != len(ids)):
-            raise ValueError(f"{where}: pred_masks must be bool [{len(ids)}, H, W] (threshold "
-                             f"logits with > 0), got {pred_masks.dtype} {pred_masks.shape}")
-        if gt_masks.shape != pred_masks.shape:
-            raise ValueError(f"{where}: gt_masks {gt_masks.shape} and pred_masks "
-                             f"{pred_masks.shape} differ (both at the original resolution)")
+        check_masks(where, pred_masks, gt_masks, count=len(ids),
+                    pred_hint="threshold logits with > 0")
         if gt_masks.dtype != np.bool_:
             if gt_masks.dtype != np.uint8:
                 raise ValueError(f"{where}: gt_masks must be uint8 (0, 1, 255) or bool, got "
@@ -110,25 +100,13 @@ class ReasonSegEvaluator:
             if stray.size:
                 raise ValueError(f"{where}: gt_masks hold values {stray.tolist()}; expected 0 "
                                  f"(background), 1 (target), {IGNORE_VALUE} (ignored)")
-        keep = np.zeros(len(ids), bool)
-        for index, mask_id in enumerate(ids):
-            if mask_id in self._seen_ids:
-                self._duplicates += 1
-            else:
-                self._seen_ids.add(mask_id)
-                keep[index] = True
-        if not keep.any():
-            return
-        intersection, union = intersection_and_union(pred_masks[keep], gt_masks[keep])
-        self._intersection.append(intersection)
-        self._union.append(union)
+        keep = self._tally.new(ids)
+        if keep.any():
+            self._tally.add(*intersection_and_union(pred_masks[keep], gt_masks[keep]))
 
     def result(self) -> dict[str, float]:
         """The split's metrics (module docstring for the keys)."""
-        if not self._intersection:
-            raise ValueError(f"ReasonSegEvaluator({self.split!r}): no mask was added")
-        intersection = np.concatenate(self._intersection).astype(np.float64)
-        union = np.concatenate(self._union).astype(np.float64)
+        intersection, union = self._tally.totals(f"ReasonSegEvaluator({self.split!r})")
         empty = union == 0
         # LISA: acc_iou += I / (U + 1e-5); acc_iou[U == 0] += 1.0 ("no-object target").
         iou = intersection / (union + MASK_IOU_EPSILON) + empty
@@ -137,7 +115,7 @@ class ReasonSegEvaluator:
             "cIoU": float(intersection.sum() / (union.sum() + CIOU_EPSILON)),
             "num_masks": float(iou.size),
             "num_empty_union": float(empty.sum()),
-            "num_duplicates_skipped": float(self._duplicates),
+            "num_duplicates_skipped": float(self._tally.duplicates),
         }
 
     def write_json(self, path: str | pathlib.Path) -> None:

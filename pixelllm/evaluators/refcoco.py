@@ -46,6 +46,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pixelllm.evaluators.mask_tally import check_masks, pixel_counts
 from pixelllm.evaluators.results_file import write_results
 
 IOU_THRESHOLD = 0.5
@@ -229,13 +230,10 @@ class RefCocoEvaluator:
                              "others")
         if with_masks:
             pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
-            for name, masks in (("pred_masks", pred_masks), ("gt_masks", gt_masks)):
-                if masks.dtype != np.bool_ or masks.ndim != 3 or masks.shape[0] != count:
-                    raise ValueError(f"{where}: {name} must be bool [{count}, H, W], got "
-                                     f"{masks.dtype} {masks.shape}")
-            if pred_masks.shape != gt_masks.shape:
-                raise ValueError(f"{where}: pred_masks {pred_masks.shape} and gt_masks "
-                                 f"{gt_masks.shape} differ (both in original-image pixels)")
+            check_masks(where, pred_masks, gt_masks, count=count,
+                        pred_hint="mask_logits_to_original")
+            if gt_masks.dtype != np.bool_:
+                raise ValueError(f"{where}: gt_masks must be bool, got {gt_masks.dtype}")
         self._with_masks = with_masks  # only once the input is valid: a refused add changes nothing
         keep = self._select(str(image_id), ids)
         if not keep.any():
@@ -245,8 +243,9 @@ class RefCocoEvaluator:
         self._box_iou_exact.append(paired_box_iou(pred_boxes, gt_boxes, epsilon=0.0))
         if with_masks:
             pred_masks, gt_masks = pred_masks[keep], gt_masks[keep]
-            self._intersection.append((pred_masks & gt_masks).sum(axis=(1, 2)))
-            self._union.append((pred_masks | gt_masks).sum(axis=(1, 2)))
+            intersection, union = pixel_counts(pred_masks, gt_masks)
+            self._intersection.append(intersection)
+            self._union.append(union)
             mask_boxes = tight_boxes(pred_masks)
             self._mask_box_iou.append(
                 paired_box_iou(mask_boxes, gt_boxes, epsilon=BOX_IOU_EPSILON))

@@ -1,17 +1,15 @@
 """LISA's samples from ReasonSeg and RefCOCO examples built in memory (the fields the builders
 write), with a tiny Llama-style tokenizer holding LISA's added tokens."""
 
-import io
-
 import numpy as np
 import pytest
-import sentencepiece as spm
 import transformers
 from PIL import Image
 
 from data_pipelines import lisa_inputs
 from pixelllm.language.hf_tokenizer import HFTokenizer
 from pixelllm.models.lisa import conversation
+from tests import llama_sentencepiece
 
 ADDED = ("<im_patch>", "<im_start>", "<im_end>", "[SEG]")
 CORPUS = ["Can you segment the red apple in this image?", "Please output segmentation mask.",
@@ -27,14 +25,7 @@ SIZES = lisa_inputs.LisaSizes(conversations=3, prompt_before=160, prompt_after=9
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     root = tmp_path_factory.mktemp("lisa_inputs_tokenizer")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=model, minloglevel=2, num_threads=1,
-        model_type="bpe", vocab_size=360, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True)
-    (root / "sp").mkdir()
-    (root / "sp" / "tokenizer.model").write_bytes(model.getvalue())
+    llama_sentencepiece.write_model(root / "sp", CORPUS, vocab_size=360)
     hf = transformers.LlamaTokenizer.from_pretrained(str(root / "sp"), add_bos_token=True)
     # LISA's added tokens, in the model's row order; [SEG] is an ordinary added token as in
     # LISA's train_ds.py.

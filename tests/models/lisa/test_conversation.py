@@ -3,14 +3,12 @@ tokenization (LLaVA's ``tokenizer_image_token`` and the target masking of LISA's
 ``collate_fn``, replicated below on a transformers tokenizer) with a tiny Llama-style
 SentencePiece tokenizer that has LISA's added tokens."""
 
-import io
-
 import pytest
-import sentencepiece as spm
 import transformers
 
 from pixelllm.language.hf_tokenizer import HFTokenizer
 from pixelllm.models.lisa import checkpoint, conversation
+from tests import llama_sentencepiece
 
 IMAGE_TOKEN_INDEX, IGNORE_INDEX = -200, -100
 CORPUS = ["Can you segment the red apple in this image?", "Please output segmentation mask.",
@@ -24,14 +22,7 @@ CORPUS = ["Can you segment the red apple in this image?", "Please output segment
 def tokenizers(tmp_path_factory):
     """(transformers tokenizer as LISA sets it up, the project's reader of its tokenizer.json)."""
     root = tmp_path_factory.mktemp("lisa_tokenizer")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=model, minloglevel=2, num_threads=1,
-        model_type="bpe", vocab_size=360, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True)
-    (root / "sp").mkdir()
-    (root / "sp" / "tokenizer.model").write_bytes(model.getvalue())
+    llama_sentencepiece.write_model(root / "sp", CORPUS, vocab_size=360)
     # add_bos_token as LLaMA's tokenizer_config.json sets it; LISA loads it with use_fast=False.
     hf = transformers.LlamaTokenizer.from_pretrained(str(root / "sp"), add_bos_token=True)
     # LLaVA's <im_patch>, then LISA's train_ds.py additions, in its order.

@@ -8,7 +8,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
 import tensorflow_datasets as tfds
 import transformers
 from flax import nnx
@@ -20,6 +19,7 @@ from data_pipelines.builders import reason_seg
 from pixelllm.language.hf_tokenizer import HFTokenizer
 from pixelllm.models.lisa import checkpoint, evaluation
 from pixelllm.models.lisa.lisa import LisaOutput
+from tests import llama_sentencepiece
 
 SP_VOCAB = 360
 CORPUS = ["What is the red apple in this image? Please output segmentation mask.",
@@ -44,14 +44,7 @@ SIZES = lisa_inputs.LisaSizes(conversations=1, prompt_before=96, prompt_after=80
 def tokenizer(tmp_path_factory):
     """A Llama-style tokenizer with configs/lisa.py's added tokens after its 360 pieces."""
     root = tmp_path_factory.mktemp("lisa_eval_tokenizer")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=model, minloglevel=2, num_threads=1,
-        model_type="bpe", vocab_size=SP_VOCAB, byte_fallback=True, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True)
-    (root / "sp").mkdir()
-    (root / "sp" / "tokenizer.model").write_bytes(model.getvalue())
+    llama_sentencepiece.write_model(root / "sp", CORPUS, vocab_size=SP_VOCAB)
     hf = transformers.LlamaTokenizer.from_pretrained(str(root / "sp"), add_bos_token=True)
     hf.add_tokens(list(lisa_config.ADDED_TOKENS[:3]), special_tokens=True)
     hf.add_tokens(lisa_config.ADDED_TOKENS[3])
