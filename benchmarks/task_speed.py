@@ -18,7 +18,8 @@ stop at EOS). Random weights; the text tokens each result shows (up to its first
 reported too. Configs, all built by :meth:`Predictor.from_pretrained` from the config with no
 files (the ``pixelllm --config`` path; every part keeps its seed initialization, float32)::
 
-    tiny   configs/stages.py:trace_tiny (the tests' and web tests' model: 32 canvas, tiny T5)
+    tiny   configs/stages.py:multitask_refseg_tiny (the tests' and web tests' model, every
+           module built: 32 canvas, tiny T5)
     mid    benchmarks/flop_utilization.py's mid config (real widths, 2 layers per tower, 224
            canvas, a 1024-wide Llama-style text model) with the paper's mask adapter and
            CenterNet2 proposal head (configs/pixelllm.py:t5_xl), which segment and dense
@@ -101,7 +102,7 @@ BOS = "<s>"
 def build_config(name: str) -> ml_collections.ConfigDict:
     """The experiment config of ``name`` (one of :data:`CONFIGS`; module docstring)."""
     if name == "tiny":
-        return stages.get_config("trace_tiny")
+        return stages.get_config("multitask_refseg_tiny")
     if name == "paper":
         return pixelllm_t5_xl.get_config()
     if name != "mid":

@@ -8,7 +8,9 @@ The model is the tiny PixelLLM (``configs/pixelllm.py:tiny``: the full model's c
 sizes) on a 64-pixel canvas with wider towers, trained with the multi-task stage's fields
 (``configs/stages.py``). Since no pretrained weights exist here, the parts the paper freezes
 are trained too, and the config says so: ``model.frozen`` is empty (SAM trains) and the text
-model is trained whole without LoRA (``language_model.model.frozen=False``, LoRA rank 0).
+model is trained whole without LoRA (``language_model.model.frozen=False``, LoRA rank 0). The
+multi-task stage builds no mask adapter (the official trains it in a later stage); the demo
+segments too, so it builds the tiny model's.
 
 Data (builders' ``manual_dir`` = the generator's folders; ``data.tokenizer`` = its
 ``spiece.model``), one mixture of every task:
@@ -35,6 +37,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import data as data_config
+from configs import pixelllm as pixelllm_config
 from configs import stages
 from configs.experiments import experiment
 from pixelllm import tasks
@@ -78,6 +81,9 @@ def _model(config: ml_collections.ConfigDict) -> None:
     # No pretrained SAM: its encoder trains with the rest.
     model.frozen = ()
     model.dense_captioning.num_text_proposals = SIZES["slots"]
+    # The multi-task stage builds no mask adapter (the official trains it in its own stage);
+    # the demo segments too: the tiny model's own.
+    model.mask_adapter = pixelllm_config.get_config("tiny").model.mask_adapter
 
 
 def _loss(config: ml_collections.ConfigDict) -> None:
@@ -141,8 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      total_steps=settings["steps"], weight_decay=0.05, layer_decay=None,
                      eva02_num_layers=None, grad_clip_norm=1.0)
     config.checkpoint.update(save_interval_steps=500 if run == "demo" else 3, max_to_keep=2)
-    # The multi-task stage freezes the mask adapter (trained in its own stage); here
-    # everything trains at once.
+    # Everything trains at once, whatever the multi-task stage freezes.
     config.frozen = ()
     config.mesh_shape = (-1, 1, 1)
     config.lock()

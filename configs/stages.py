@@ -23,20 +23,29 @@ parameter paths, on top of the model's own frozen SAM and language-model base), 
 ================  =====  =====  =======  =====  =====  =====  ================================
 stage             batch  steps  warm-up  lr     wd     decay  also frozen
 ================  =====  =====  =======  =====  =====  =====  ================================
-trace             256    10k    250      5e-5   0      -      (mask adapter, proposal head)
-ref               64     120k   1k       5e-5   0      -      (mask adapter, proposal head)
+trace             256    10k    250      5e-5   0      -      -
+ref               64     120k   1k       5e-5   0      -      -
 refseg            64     60k    500      5e-5*  0      -      EVA02, prompt adapter, LM
-                                                              (proposal head)
-densecap          64     40k    1k       1e-4   0.05   0.8    (mask adapter, point head)
-multitask         128    240k   2k       1e-4   0.05   0.8    (mask adapter)
+densecap          64     40k    1k       1e-4   0.05   0.8    point head
+multitask         128    240k   2k       1e-4   0.05   0.8    -
 multitask_refseg  128    30k    250      1e-4   0      -      all but the mask adapter
 ================  =====  =====  =======  =====  =====  =====  ================================
 
 \* the mask adapter at 10x (``lr_multipliers``). "Also frozen" adds to the model's own frozen SAM
-and language-model base. In parentheses: modules the official stage does not build (its
-``box_decoder_name``, ``mask_adapter_name`` or ``point_predictor_name`` is ``none``), which this
-model always has: frozen, they get no optimizer state and, where the stage decays weights, are not
-shrunk by a weight decay without a gradient.
+and language-model base.
+
+**Modules not built**, as in the official stage (its ``box_decoder_name`` is ``none``: no
+proposal head; only the two refseg configs set a ``mask_adapter_name``, whose default is
+``none``): trace and ref build no mask adapter and no proposal head, refseg no proposal head,
+densecap and multitask no mask adapter; multitask_refseg builds both. The stage sets
+``config.model.<module>`` to None (:attr:`Stage.unbuilt`), so the model, its checkpoints and its
+train step hold no such module (tiny variants too). The official densecap stage builds no point
+head either (``point_predictor_name = 'none'``); this model always has one, and densecap freezes
+it. Each stage builds every module of the stage it starts from, so a checkpoint restores
+(:mod:`pixelllm.train.initialize` refuses arrays the model lacks); a module new in a stage (the
+mask adapter of refseg and multitask_refseg) starts from its random initialization. A model
+without a mask adapter cannot segment, one without a proposal head cannot caption densely: the
+inference entries, the predictor and the task metrics say so, naming the config field.
 
 ``prompt_adapter/`` holds the official visual projection (``visual_project_layers``), ``lm/`` the
 LoRA factors of the official text decoder (``textual/``).
@@ -92,6 +101,10 @@ FLAN_T5_XL_TOKENIZER = "flan-t5-xl/spiece.model"
 WORKDIR_ROOT = "workdirs"
 
 
+# The modules of config.model a stage may leave unbuilt (None: PixelLLM builds no such module).
+OPTIONAL_MODULES = ("mask_adapter", "proposal_head")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
     """One official stage's values (see the module docstring's table)."""
@@ -107,6 +120,9 @@ class Stage:
     layer_decay: float | None = None
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     frozen: tuple[str, ...] = ()
+    # The modules the official stage does not build (of OPTIONAL_MODULES): config.model.<name>
+    # is None.
+    unbuilt: tuple[str, ...] = ()
     # The earlier stage whose checkpoint this one starts from ("" = none).
     init_from: str = ""
     # EVA02 from its public file (the stages the official starts from WebLI).
@@ -116,27 +132,34 @@ class Stage:
     save_interval_steps: int = 1000
     eval_every: int = 2500
 
+    def __post_init__(self):
+        unknown = sorted(set(self.unbuilt) - set(OPTIONAL_MODULES))
+        if unknown:
+            raise ValueError(f"Stage.unbuilt: {unknown} are not optional modules "
+                             f"{OPTIONAL_MODULES}")
+
+
+_NO_ADAPTER_NO_DETECTOR = ("mask_adapter", "proposal_head")
 
 # Official checkpoint and evaluation intervals: 1000 and 2500 x iter_factor (densecap 5000).
 STAGES = {
     "trace": Stage(data="trace_coco", batch_size=256, steps=10_000, warmup_steps=250,
-                   learning_rate=5e-5, frozen=("mask_adapter/", "proposal_head/"),
-                   eva02_public=True),
+                   learning_rate=5e-5, unbuilt=_NO_ADAPTER_NO_DETECTOR, eva02_public=True),
     "ref": Stage(data="ref_official", batch_size=64, steps=120_000, warmup_steps=1_000,
-                 learning_rate=5e-5, frozen=("mask_adapter/", "proposal_head/"),
-                 init_from="trace", save_interval_steps=4_000, eval_every=10_000),
+                 learning_rate=5e-5, unbuilt=_NO_ADAPTER_NO_DETECTOR, init_from="trace",
+                 save_interval_steps=4_000, eval_every=10_000),
     "refseg": Stage(data="refseg_official", batch_size=64, steps=60_000, warmup_steps=500,
                     learning_rate=5e-5, lr_multipliers=(("mask_adapter/", 10.0),),
-                    frozen=("eva02/", "prompt_adapter/", "lm/", "proposal_head/"),
+                    frozen=("eva02/", "prompt_adapter/", "lm/"), unbuilt=("proposal_head",),
                     init_from="ref", save_interval_steps=2_000, eval_every=5_000),
     "densecap": Stage(data="densecap", batch_size=64, steps=40_000, warmup_steps=1_000,
                       learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8,
-                      frozen=("mask_adapter/", "point_head/"), init_from="trace",
+                      frozen=("point_head/",), unbuilt=("mask_adapter",), init_from="trace",
                       num_text_proposals=32, save_interval_steps=5_000, eval_every=5_000),
     "multitask": Stage(data="multitask", tiny_data="smoke_multitask", batch_size=128,
                        steps=240_000, warmup_steps=2_000, learning_rate=1e-4,
                        weight_decay=0.05, layer_decay=0.8,
-                       frozen=("mask_adapter/",), eva02_public=True, num_text_proposals=16,
+                       unbuilt=("mask_adapter",), eva02_public=True, num_text_proposals=16,
                        save_interval_steps=8_000, eval_every=20_000),
     "multitask_refseg": Stage(data="refseg_official", batch_size=128, steps=30_000,
                               warmup_steps=250, learning_rate=1e-4,
@@ -176,6 +199,8 @@ def stage_config(name: str, *, tiny: bool) -> ml_collections.ConfigDict:
         config.model.dense_captioning.num_text_proposals = stage.num_text_proposals
     config.unlock()
     config.stage = name + (_TINY if tiny else "")
+    for module in stage.unbuilt:
+        config.model[module] = None
     config.seed = 0
     config.train = ml_collections.ConfigDict(dict(
         batch_size=batch_size, steps=steps, accumulation_steps=1, log_every=1 if tiny else 50,
@@ -235,10 +260,6 @@ def harness_config(*, lora: bool) -> ml_collections.ConfigDict:
     model.language_model = dict(kind="decoder", model=text_model)
     model.prompt_adapter.update(HARNESS["prompt_adapter"])
     model.point_head.update(HARNESS["point_head"])
-    # As the official trace config: no box decoder, no mask adapter (so nothing to freeze).
-    model.mask_adapter = None
-    model.proposal_head = None
-    config.frozen = ()
     config.data.batch_size = config.train.batch_size = HARNESS["batch_size"]
     config.data.tokenizer = None
     config.init = ml_collections.ConfigDict(

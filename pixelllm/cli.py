@@ -224,6 +224,10 @@ def _serve(args: argparse.Namespace) -> int:
                 if args.workdir == DEMO_WORKDIR else "")
         print(f"pixelllm: error: cannot serve: {error}{hint}", file=sys.stderr)
         return 1
+    # The page offers every mode; a mode this model cannot run answers with this message.
+    from pixelllm.models.pixel_llm.inference import missing_message
+    for task, modules in predictor.unavailable.items():
+        print(f"pixelllm: note: {missing_message(task, modules)}", file=sys.stderr)
     server.serve(app)
     return 0
 
@@ -281,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             try:
                 results = _run_task(predictor, args, [image for _, _, image in batch])
-            except ValueError as error:  # the model cannot run the task (no detector)
+            except ValueError as error:  # e.g. the model lacks the task's module
                 print(f"pixelllm: error: {error}", file=sys.stderr)
                 return 1
             for (path, name, image), result in zip(batch, results):

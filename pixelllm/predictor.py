@@ -332,6 +332,11 @@ class Predictor:
         generating method for beam search (``fixed_length=True``: texts cut at their first
         EOS here, scores over every decoded token).
       traces: how many times each task's function was traced (compiled).
+      unavailable: ``{task: modules}``, the tasks this model cannot run (names of the task table,
+        :mod:`pixelllm.tasks`) and the modules each lacks: ``"refseg"`` (:meth:`segment`) without
+        a mask adapter, ``"densecap"`` (:meth:`dense_caption`) without a proposal head (e.g. a
+        training stage that builds none, ``configs/stages.py``). Calling such a method raises
+        ``ValueError`` naming ``config.model.<module>``.
     """
 
     def __init__(self, model: PixelLLM, tokenizer: Tokenizer, *, max_new_tokens: int,
@@ -348,7 +353,8 @@ class Predictor:
                                                  pad_id=tokenizer.pad_id,
                                                  max_new_tokens=max_new_tokens)
         self._graphdef, self._state = nnx.split(model)
-        self._has_detector = model.proposal_head is not None
+        self.unavailable = {task: missing for task in tasks.TASKS
+                            if (missing := inference.missing_modules(model, task))}
         self._functions: dict[tuple[str, inference.DecodeSettings | None], Callable] = {}
         self.traces: collections.Counter[str] = collections.Counter()
 
@@ -474,9 +480,6 @@ class Predictor:
     def dense_caption(self, images: Sequence[np.ndarray], *,
                       settings: inference.DecodeSettings | None = None) -> list[DenseCaptions]:
         """The detector's regions of each image with a caption each (task ``densecap``)."""
-        if not self._has_detector:
-            raise ValueError("dense captioning needs a proposal head; this model has none "
-                             "(config.model.proposal_head)")
         requests = [self._request(image, OBJECT_PROMPT) for image in images]
         results = []
         for out, request in zip(self._run("densecap", requests, settings), requests):
@@ -563,7 +566,9 @@ class Predictor:
     def _run(self, task: str, requests: list[_Request],
              settings: inference.DecodeSettings | None) -> list[Any]:
         """Runs ``task`` on ``requests`` in padded chunks; per request, its output tree (numpy)
-        with the batch axis removed."""
+        with the batch axis removed. ``ValueError`` for a task of :attr:`unavailable`."""
+        if task in self.unavailable:
+            raise ValueError(inference.missing_message(task, self.unavailable[task]))
         generates = task not in ("refer", "refseg")
         function = self._function(task, (settings or self.settings) if generates else None)
         outputs = []

@@ -1,7 +1,8 @@
 """The Predictor on the tiny model: every task equals its inference entry on the same canvas
 inputs (coordinates mapped to the user's frame by hand here), coordinates round-trip, another
 image size in the same bucket does not recompile, and ``from_workdir`` restores a run's latest
-checkpoint without touching the work dir.
+checkpoint without touching the work dir, and a run whose stage builds no mask adapter or proposal
+head names the tasks it cannot run.
 
 The work dir is written with the trainer's own functions (``write_config``, ``build_model``
 and the ``Checkpointer``) instead of by a training run: compiling the train step would cost
@@ -41,10 +42,12 @@ SAVED_STEP = 2
 # A half-written step of a trainer that is still running: a restore must neither read nor
 # remove it.
 IN_FLIGHT = f"{SAVED_STEP + 1}.orbax-checkpoint-tmp-1234"
+# The tiny stage that builds every module (mask adapter and proposal head): every task runs.
+STAGE = "multitask_refseg_tiny"
 
 
-def make_tiny_workdir(root: Path) -> tuple[Path, nnx.Module]:
-    """``(workdir, model)``: a ``trace_tiny`` run's work dir whose checkpoint at step 2 holds
+def make_tiny_workdir(root: Path, *, stage: str = STAGE) -> tuple[Path, nnx.Module]:
+    """``(workdir, model)``: a ``stage`` run's work dir whose checkpoint at step 2 holds
     trained parameters moved away from their initialization, and that model."""
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 20),
@@ -54,7 +57,7 @@ def make_tiny_workdir(root: Path) -> tuple[Path, nnx.Module]:
                                    bos_id=-1)
     root.mkdir(parents=True, exist_ok=True)
     (root / "spiece.model").write_bytes(model_file.getvalue())
-    config = stages.get_config("trace_tiny")
+    config = stages.get_config(stage)
     config.data.tokenizer = str(root / "spiece.model")
     config.mesh_shape = (1, 1, 1)
     workdir = root / "run"
@@ -81,6 +84,21 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(run):
     return predictor_lib.Predictor.from_workdir(run[0], max_new_tokens=MAX_NEW_TOKENS)
+
+
+def test_a_run_without_mask_adapter_or_detector_names_the_tasks_it_cannot_run(tmp_path):
+    # trace builds neither module (the official trace stage does not).
+    workdir, _ = make_tiny_workdir(tmp_path, stage="trace_tiny")
+    predictor = predictor_lib.Predictor.from_workdir(workdir, max_new_tokens=MAX_NEW_TOKENS)
+    assert predictor.unavailable == {"refseg": ("mask_adapter",),
+                                     "densecap": ("proposal_head",)}
+    image = np.zeros((10, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"task 'refseg' cannot run on this model: "
+                                         r"config\.model\.mask_adapter is None"):
+        predictor.segment([image], ["the dog"])
+    with pytest.raises(ValueError, match=r"task 'densecap' .*config\.model\.proposal_head is None"):
+        predictor.dense_caption([image])
+    assert predictor.traces == {}
 
 
 def _listing(folder: Path) -> list[str]:

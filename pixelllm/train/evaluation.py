@@ -51,6 +51,11 @@ serves a whole evaluation and is closed at its end. Each source's metrics are wr
 ``<workdir>/eval/<step>/<source>.json`` (process 0), and a table logs them beside the paper's
 numbers where the source is one the paper reports (:data:`PAPER_NUMBERS`).
 
+A source whose task needs a module the model does not build (refseg: the mask adapter,
+densecap: the proposal head; ``config.model.<module>`` None, see ``configs/stages.py``) is refused
+with a ``ValueError`` naming the source and the config field: by :meth:`TaskMetrics.from_config`
+when the trainer starts, and by every call before anything runs.
+
 Several processes: each reads its rows of every batch; the inputs become global arrays split
 over the batch axes, the outputs come back replicated and the host-side fields are gathered from
 every process, so every process computes the same metrics.
@@ -452,6 +457,7 @@ class TaskMetrics:
         sources = {entry["name"]: EvalSource(task=entry["task"], builder=entry["builder"],
                                              split=entry["split"])
                    for entry in config.data.eval}
+        _check_modules(sources, config.model)
         return cls(lambda: pipeline_lib.eval_from_config(config.data, evaluation_keys=True),
                    sources, tokenizer=load_tokenizer(config.data.tokenizer), mesh=mesh,
                    rules=rules, workdir=workdir, **kwargs)
@@ -466,6 +472,7 @@ class TaskMetrics:
                               max_new_tokens=text_length - 1)
 
     def __call__(self, model: nnx.Module, step: int) -> dict[str, float]:
+        _check_modules(self._sources, model)
         graphdef, state = nnx.split(model)
         scalars: dict[str, float] = {}
         results: dict[str, dict[str, float]] = {}
@@ -528,6 +535,16 @@ class TaskMetrics:
             "max_expressions_per_image": self._max_expressions_per_image,
             "metrics": dict(metrics),
             "paper_percent": _paper(source)}, indent=2) + "\n")
+
+
+def _check_modules(sources: Mapping[str, EvalSource], model: Any) -> None:
+    """``ValueError`` naming the first source whose task needs a module ``model`` (a PixelLLM or
+    ``config.model``) lacks."""
+    for name, source in sources.items():
+        missing = inference.missing_modules(model, source.task)
+        if missing:
+            raise ValueError(f"evaluation source {name!r}: "
+                             f"{inference.missing_message(source.task, missing)}")
 
 
 def _paper(source: EvalSource) -> dict[str, float]:

@@ -43,3 +43,14 @@ def test_without_pretrained_weights_everything_trains():
 def test_an_unknown_run_is_refused():
     with pytest.raises(ValueError, match="quick"):
         demo.get_config("fast")
+
+
+def test_the_demo_builds_every_module_though_the_multitask_stage_has_no_mask_adapter():
+    from configs import pixelllm as pixelllm_config
+    from configs import stages
+
+    assert stages.get_config("multitask_tiny").model.mask_adapter is None
+    model = demo.get_config().model
+    # The demo segments (a refseg source): the tiny model's own mask adapter.
+    assert model.mask_adapter == pixelllm_config.get_config("tiny").model.mask_adapter
+    assert model.proposal_head is not None

@@ -1,5 +1,8 @@
 """The training stages: every one builds, is locked, parses as optimizer settings, freezes what the
-official stage freezes, and keeps the official values."""
+official stage freezes, builds what the official stage builds, keeps the official values, and
+can start from the checkpoint of the stage it follows."""
+
+import functools
 
 import jax
 import numpy as np
@@ -15,11 +18,16 @@ from pixelllm.train import optimizer, trained_set
 NAMES = [name + suffix for name in stages.STAGES for suffix in ("", "_tiny")]
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    # Shapes only: the patterns and counts need no values.
-    config = stages.get_config("trace_tiny").model
+@functools.cache
+def tiny_model(name):
+    """Stage ``name``'s tiny model, shapes only: the patterns, counts and paths need no values."""
+    config = stages.get_config(name + "_tiny").model
     return abstract.build_abstract(lambda rngs: PixelLLM.from_config(config, rngs=rngs))
+
+
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {trained_set.path_string(path): tuple(variable.get_value().shape)
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,21 +60,23 @@ def test_tiny_stages_train_in_seconds(name):
     assert set(config.init.values()) == {""}
     full = stages.get_config(name.removesuffix("_tiny"))
     assert config.frozen == full.frozen
+    for module in stages.OPTIONAL_MODULES:
+        assert (config.model[module] is None) == (full.model[module] is None), module
     assert config.optimizer.lr_multipliers == full.optimizer.lr_multipliers
     assert config.optimizer.layer_decay == full.optimizer.layer_decay
 
 
 @pytest.mark.parametrize("name", list(stages.STAGES))
-def test_frozen_patterns_match_the_model(name, tiny_model):
-    config = stages.get_config(name + "_tiny")
+def test_frozen_patterns_match_the_model(name):
+    config, model = stages.get_config(name + "_tiny"), tiny_model(name)
     for pattern in config.frozen:
         # trained_filter refuses a pattern that matches no parameter.
-        trained_set.trained_filter(tiny_model, (pattern,))
-    trained = trained_set.trained_filter(tiny_model, config.frozen)
+        trained_set.trained_filter(model, (pattern,))
+    trained = trained_set.trained_filter(model, config.frozen)
     counts = {module: count for module, count, _ in
-              trained_set.parameter_counts(tiny_model, trained) if count}
+              trained_set.parameter_counts(model, trained) if count}
     towers = {"eva02", "prompt_adapter", "lm"}
-    expected = {  # besides "total"; modules the official stage does not build are frozen too
+    expected = {  # besides "total"
         "trace": towers | {"point_head"},
         "ref": towers | {"point_head"},
         "refseg": {"mask_adapter", "point_head"},
@@ -75,6 +85,48 @@ def test_frozen_patterns_match_the_model(name, tiny_model):
         "multitask_refseg": {"mask_adapter"},
     }[name] | {"total"}
     assert set(counts) == expected
+
+
+# The modules each official stage does not build (scenic configs/t5/pixel_llm_t5_<stage>.py):
+# box_decoder_name 'none' = no proposal head; mask_adapter_name 'sam_mask_adapter' set only in
+# the two refseg configs, the model's default being 'none' (modeling/pixel_llm.py:98).
+UNBUILT = {
+    "trace": {"mask_adapter", "proposal_head"},  # _trace.py:314 box_decoder_name 'none'
+    "ref": {"mask_adapter", "proposal_head"},    # _ref.py:347 box_decoder_name 'none'
+    "refseg": {"proposal_head"},                 # _refseg.py:345 'none', :383 sam_mask_adapter
+    "densecap": {"mask_adapter"},                # _densecap.py:333 centernet2_det_decoder
+    "multitask": {"mask_adapter"},               # _trace_ref_densecap_llava.py:716 centernet2
+    "multitask_refseg": set(),                   # _trace_refseg_densecap_llava.py:492, :533
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stages_build_what_the_official_stage_builds(name):
+    config = stages.get_config(name)
+    unbuilt = {module for module in stages.OPTIONAL_MODULES if config.model[module] is None}
+    assert unbuilt == UNBUILT[name.removesuffix("_tiny")]
+    if name.endswith("_tiny"):
+        model = tiny_model(name.removesuffix("_tiny"))
+        assert {module for module in stages.OPTIONAL_MODULES
+                if getattr(model, module) is None} == unbuilt
+        assert not any(path.split("/")[0] in unbuilt for path in weight_shapes(model))
+
+
+@pytest.mark.parametrize("name", [name for name, stage in stages.STAGES.items()
+                                  if stage.init_from])
+def test_a_stage_has_every_array_of_the_stage_it_starts_from(name):
+    """pixelllm.train.initialize refuses a checkpoint array the model lacks, so every weight of
+    the earlier stage (its checkpoint holds some of them) is a weight of this one, of the same
+    shape: the tiny models' weights, and the full configs' built modules."""
+    earlier = stages.STAGES[name].init_from
+    later_shapes = weight_shapes(tiny_model(name))
+    earlier_shapes = weight_shapes(tiny_model(earlier))
+    assert {path: later_shapes.get(path) for path in earlier_shapes} == earlier_shapes
+    assert UNBUILT[name] <= UNBUILT[earlier]
+    for module in stages.OPTIONAL_MODULES:
+        if stages.get_config(earlier).model[module] is not None:
+            assert stages.get_config(name).model[module] == stages.get_config(
+                earlier).model[module], module
 
 
 def test_official_values():

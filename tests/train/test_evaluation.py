@@ -346,6 +346,33 @@ def test_a_task_without_a_metric_is_refused_naming_the_source(mesh, rules, tmp_p
                mesh=mesh, rules=rules, workdir=tmp_path)
 
 
+def test_a_task_the_model_cannot_run_is_refused_naming_the_source_and_the_module(
+        mesh, rules, tmp_path):
+    """A stage without a mask adapter (or proposal head) evaluating a refseg (densecap) source:
+    refused when the trainer builds the metrics from the config, and by a call before any
+    batch is read."""
+    from configs import stages
+
+    from pixelllm.nn import abstract
+
+    config = stages.get_config("trace_tiny")  # no mask adapter, no proposal head
+    config.data.tokenizer = "unused.model"  # refused before the tokenizer is read
+    with pytest.raises(ValueError, match=r"evaluation source 'vg_densecap_test': task "
+                                         r"'densecap' .*config\.model\.proposal_head is None"):
+        TaskMetrics.from_config(config, mesh=mesh, rules=rules, workdir=tmp_path)
+
+    def no_batches():
+        raise AssertionError("the model was refused after the pipelines were built")
+
+    model = abstract.build_abstract(lambda rngs: PixelLLM.from_config(config.model, rngs=rngs))
+    metrics = TaskMetrics(no_batches, {"seg": EvalSource("refseg", "refer_coco/refcoco_unc",
+                                                         "val")},
+                          tokenizer=WordTokenizer(), mesh=mesh, rules=rules, workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"source 'seg': task 'refseg' .*"
+                                         r"config\.model\.mask_adapter is None"):
+        metrics(model, 0)
+
+
 def test_batches_without_the_evaluation_keys_are_refused(model, mesh, rules, refer_batches,
                                                          tmp_path):
     plain = [{key: refer_batches[0][key] for key in batch_lib.SPEC}]

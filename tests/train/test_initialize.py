@@ -21,7 +21,8 @@ from pixelllm.train.trained_set import path_string
 
 @pytest.fixture(scope="module")
 def model_config():
-    return stages.get_config("ref_tiny").model
+    # The referring-segmentation stage: it starts from ref, which builds no mask adapter.
+    return stages.get_config("refseg_tiny").model
 
 
 def _flat(model):
@@ -49,10 +50,11 @@ def _not_under(*modules):
 
 def test_public_file_and_earlier_stage_fill_their_parameters_and_the_rest_keeps_its_init(
         tmp_path, model_config):
-    # The earlier stage: trained everything but EVA02 and had no mask adapter.
-    earlier = PixelLLM.from_config(model_config, rngs=nnx.Rngs(1))
-    saved = nnx.state(earlier, nnx.All(earlier.trainable(), _not_under("mask_adapter", "eva02")))
-    with Checkpointer(tmp_path / "trace" / initialize.CHECKPOINTS) as checkpointer:
+    # The earlier stage (ref): trained everything but EVA02 here, and builds no mask adapter.
+    earlier = PixelLLM.from_config(stages.get_config("ref_tiny").model, rngs=nnx.Rngs(1))
+    assert earlier.mask_adapter is None and model_config.mask_adapter is not None
+    saved = nnx.state(earlier, nnx.All(earlier.trainable(), _not_under("eva02")))
+    with Checkpointer(tmp_path / "ref" / initialize.CHECKPOINTS) as checkpointer:
         checkpointer.save(4, {"params": saved, "opt_state": optax.adam(1e-3).init(saved)})
     saved_values = {path_string(path): np.asarray(variable.get_value())
                     for path, variable in nnx.to_flat_state(saved)}
@@ -61,10 +63,10 @@ def test_public_file_and_earlier_stage_fill_their_parameters_and_the_rest_keeps_
     model = PixelLLM.from_config(model_config, rngs=nnx.Rngs(0))
     before = _flat(model)
     report = initialize.initialize(model, dict(sam="", eva02=str(eva02_file), language_model="",
-                                               tokenizer="", checkpoint=str(tmp_path / "trace")))
+                                               tokenizer="", checkpoint=str(tmp_path / "ref")))
     after = _flat(model)
 
-    step_source = f"checkpoint: {tmp_path / 'trace' / initialize.CHECKPOINTS / '4'}"
+    step_source = f"checkpoint: {tmp_path / 'ref' / initialize.CHECKPOINTS / '4'}"
     assert any(path.startswith("prompt_adapter/") for path in saved_values)
     assert any("lora" in path for path in saved_values)
     for path, value in saved_values.items():
@@ -125,6 +127,6 @@ def test_bad_init_fields_are_named(tmp_path, model_config):
 
 def test_nothing_given_loads_nothing(model_config):
     model = PixelLLM.from_config(model_config, rngs=nnx.Rngs(0))
-    report = initialize.initialize(model, stages.get_config("ref_tiny").init)
+    report = initialize.initialize(model, stages.get_config("refseg_tiny").init)
     assert set(report.sources.values()) == {initialize.RANDOM_INIT}
     assert sum(report.sizes.values()) == sum(value.size for value in _flat(model).values())

@@ -1,5 +1,6 @@
-"""One tiny model served for the web tests: the predictor tests' work dir (``trace_tiny``, with a
-detector), loaded once per test session and served on a free local port from a thread."""
+"""One tiny model served for the web tests: the predictor tests' work dir
+(``multitask_refseg_tiny``, every module built), loaded once per test session and served on a
+free local port from a thread."""
 
 import threading
 

@@ -22,6 +22,12 @@ encoders, the language model's prefill and the decoding loop inside one traceabl
 (``DecodeSettings.fixed_length``: exactly ``max_new_tokens`` tokens, no stopping test).
 :func:`compile_entry` jits any entry over the model's split state (``nnx.split``), so a call
 costs one ``jax.jit`` dispatch and no NNX graph traversal.
+
+Two entries need a module a model may lack (``config.model.<module>`` None, as in the training
+stages whose official counterpart does not build it, ``configs/stages.py``): ``refer_segment`` the
+mask adapter, ``dense_caption`` the proposal head (:data:`NEEDED_MODULES`). They refuse such a
+model with a ``ValueError`` naming the config field (:func:`check_modules`), before any
+computation; :func:`missing_modules` tells a caller beforehand, from a model or its config.
 """
 
 from __future__ import annotations
@@ -37,6 +43,32 @@ from pixelllm import tasks
 from pixelllm.models.pixel_llm import generation
 from pixelllm.models.pixel_llm.generation import Generation
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
+
+
+# The optional modules of PixelLLM (config.model.<module>: None builds none) each entry needs.
+NEEDED_MODULES = {"refer_segment": ("mask_adapter",), "dense_caption": ("proposal_head",)}
+
+
+def missing_modules(model: Any, task: str) -> tuple[str, ...]:
+    """The modules task ``task``'s inference entry needs that ``model`` lacks: ``model`` is a
+    PixelLLM or its config (``config.model``); a module is missing where it is None."""
+    needed = NEEDED_MODULES.get(tasks.get(task).inference, ())
+    return tuple(module for module in needed if getattr(model, module, None) is None)
+
+
+def missing_message(task: str, missing: tuple[str, ...]) -> str:
+    """Why task ``task`` cannot run on a model lacking the ``missing`` modules."""
+    fields = " and ".join(f"config.model.{module}" for module in missing)
+    return (f"task {task!r} cannot run on this model: {fields} is None (the module is not "
+            "built; configs/stages.py leaves out what the official stage does not build)")
+
+
+def check_modules(model: Any, task: str) -> None:
+    """Raises ``ValueError`` naming ``config.model.<module>`` when ``model`` (a PixelLLM or its
+    config) lacks a module task ``task`` needs."""
+    missing = missing_modules(model, task)
+    if missing:
+        raise ValueError(missing_message(task, missing))
 
 
 class DecodeSettings(NamedTuple):
@@ -146,7 +178,8 @@ def refer_segment(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
                   context_tokens: jax.Array, context_mask: jax.Array, text_tokens: jax.Array,
                   text_mask: jax.Array) -> Referring:
     """Referring segmentation: as :func:`refer`, plus SAM's mask of the EOS box with the mask
-    adapter's language context."""
+    adapter's language context (``ValueError`` for a model without a mask adapter)."""
+    check_modules(model, "refseg")
     return _refer(model, image, valid_wh, context_tokens=context_tokens,
                   context_mask=context_mask, text_tokens=text_tokens, text_mask=text_mask,
                   segment=True)
@@ -178,9 +211,9 @@ def dense_caption(model: PixelLLM, image: jax.Array, valid_wh: jax.Array, *,
     """Dense object captioning: the detector's boxes become location prompts.
 
     ``context_* [B, Lc]``: the dense-captioning prompt ("an object of "), shared by the boxes.
+    ``ValueError`` for a model without a proposal head.
     """
-    if model.proposal_head is None:
-        raise ValueError("this model has no proposal head (config.model.proposal_head is None)")
+    check_modules(model, "densecap")
     features = model.encode_image(image, valid_wh)
     detections = model.proposal_head.detect(features.fused, valid_wh=valid_wh)
     count = detections.boxes.shape[1]
