@@ -192,14 +192,16 @@ def _train_sources(variant: str, sizes: dict) -> list[dict]:
 ORIGINAL_MASKS_SIDE = 640
 
 
-def evaluation_chain(ops: list[dict], *, task: str, sizes: dict) -> tuple[list[dict], dict]:
+def evaluation_chain(ops: list[dict], *, task: str, sizes: dict,
+                     original_masks: int = ORIGINAL_MASKS_SIDE) -> tuple[list[dict], dict]:
     """``(ops, sizes)`` of an evaluation source: ``evaluation_metadata`` right after decode (op
     0) for the task metrics' image id and original size, and for a task that segments the
-    original-size ground-truth masks (``original_masks`` = :data:`ORIGINAL_MASKS_SIDE`)."""
+    original-size ground-truth masks in an ``original_masks`` square frame (at least the data's
+    largest image side)."""
     if "mask" not in tasks.get(task).losses:
         return [ops[0], {"op": "evaluation_metadata"}, *ops[1:]], sizes
-    metadata = {"op": "evaluation_metadata", "original_masks": ORIGINAL_MASKS_SIDE}
-    return [ops[0], metadata, *ops[1:]], {**sizes, "original_masks": ORIGINAL_MASKS_SIDE}
+    metadata = {"op": "evaluation_metadata", "original_masks": original_masks}
+    return [ops[0], metadata, *ops[1:]], {**sizes, "original_masks": original_masks}
 
 
 def _eval_sources(variant: str, sizes: dict) -> list[dict]:

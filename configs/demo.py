@@ -43,6 +43,9 @@ from configs.experiments import experiment
 from pixelllm import tasks
 
 CANVAS = 64
+# The generated scenes' side in pixels (pixelllm/tools/demo.py), the frame of the evaluation's
+# original-size masks.
+SCENE_SIDE = 128
 SIZES = dict(canvas=CANVAS, slots=4, context_length=16, text_length=48, points_per_token=2,
              objects=8)
 # Evaluation scores every expression (up to 3 per shape) and every shape of an image.
@@ -108,7 +111,7 @@ def _data(config: ml_collections.ConfigDict, *, batch_size: int, eval_batch_size
     for name, builder, task, _, _ in TRAIN_SOURCES:
         ops, sizes = data_config.evaluation_chain(
             data_config.source_ops(task=task, train=False, sizes=eval_sizes, augment="none"),
-            task=task, sizes=eval_sizes)
+            task=task, sizes=eval_sizes, original_masks=SCENE_SIDE)
         data.eval.append({
             "name": f"{name}_{HELD_OUT_SPLIT[builder]}", "builder": builder,
             "split": HELD_OUT_SPLIT[builder], "task": task, "weight": 1.0, "ops": ops,

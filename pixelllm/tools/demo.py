@@ -41,13 +41,14 @@ import tqdm
 from absl import logging
 from PIL import Image
 
+from configs import demo as demo_config
 from data_pipelines.synthetic import dataset, formats, tokenizer
 from data_pipelines.synthetic.dataset import SyntheticImage
 from data_pipelines.synthetic.language import region_phrase
 
 # Scenes: 128 px, 2 or 3 shapes (the demo model sees them on a 64-pixel canvas).
-SCENE = dict(height=128, width=128, min_objects=2, max_objects=3, val_fraction=0.1,
-             test_fraction=0.1)
+SCENE = dict(height=demo_config.SCENE_SIDE, width=demo_config.SCENE_SIDE, min_objects=2,
+             max_objects=3, val_fraction=0.1, test_fraction=0.1)
 NUM_IMAGES = {"demo": 1200, "quick": 40}
 # metrics.json key -> (evaluation source of configs/demo.py, metric key of its JSON).
 METRICS = {

@@ -26,10 +26,11 @@ def test_every_task_trains_and_is_evaluated_on_its_held_out_split():
     for source in config.data.eval:
         assert source["split"] == demo.HELD_OUT_SPLIT[source["builder"]] != "train"
         assert source["ops"][1]["op"] == "evaluation_metadata"
-        # Referring segmentation is scored against the original-size masks.
+        # Referring segmentation is scored against the original-size masks, framed at the
+        # scenes' side (not COCO's 640).
         segments = source["task"] == "refseg"
         assert source["ops"][1].get("original_masks", 0) == source["sizes"].get(
-            "original_masks", 0) == (data_config.ORIGINAL_MASKS_SIDE if segments else 0)
+            "original_masks", 0) == (demo.SCENE_SIDE if segments else 0)
 
 
 def test_without_pretrained_weights_everything_trains():
