@@ -19,9 +19,11 @@ Sources (LISA's code at commit 3cb2d430 and the files it names):
   second-to-last layer); projector Linear(1024, 4096).
 - SAM ViT-H (`--vision_pretrained` sam_vit_h_4b8939.pth) at 1024; `text_hidden_fcs`
   Linear(4096, 4096) -> ReLU -> Linear(4096, 256 = `--out_dim`).
-- LoRA (`train_ds.py`): r 8, alpha 16 on `q_proj`, `v_proj`. **Difference:** LISA's LoRA dropout
-  0.05 is not implemented (the project's LoRALinear has no dropout); the released weights have the
-  adapters merged, so inference is unaffected, training sees no adapter dropout.
+- LoRA (`train_ds.py`: `--lora_r` 8, `--lora_alpha` 16, `--lora_dropout` 0.05,
+  `--lora_target_modules` "q_proj,v_proj", passed to PEFT's `LoraConfig`): r 8, alpha 16, dropout
+  0.05 on `q`, `v`. PEFT's dropout drops the adapters' input only, in training; here it is active
+  when the forward gets `rngs` (`Lisa.__call__(..., rngs=...)`). The released weights have the
+  adapters merged.
 - sizes: `--image_size` 1024 (SAM), CLIP 224, `--num_classes_per_sample` 3 [SEG] per image
   (`max_masks`), `--model_max_length` 512 tokens.
 """
@@ -69,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             tie_word_embeddings=False, post_norms=False, qk_norm=False,
             query_pre_attn_scalar=None, attn_logit_softcap=None, final_logit_softcap=None,
             layer_types=None, sliding_window=None, rope_scaling=None, local_rope_theta=None,
-            lora=dict(rank=4 if tiny else 8, alpha=8.0 if tiny else 16.0, targets=("q", "v")),
+            lora=dict(rank=4 if tiny else 8, alpha=8.0 if tiny else 16.0, targets=("q", "v"),
+                      dropout=0.05),
             frozen=True, dtype="float32", param_dtype="float32", remat="none",
             scan_layers=False),
         "added_tokens": ADDED_TOKENS,

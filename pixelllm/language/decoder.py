@@ -27,6 +27,13 @@ Visual tokens enter as a prefix of *embeddings*: ``embed(tokens)`` already inclu
 unscaled. This matches transformers 5.x, where the scale lives in the embedding layer and
 ``inputs_embeds`` are used unchanged.
 
+**Dropout**: the base model has none (Llama and Gemma train without). The only dropout is the
+LoRA adapters' input dropout (``config.lora.dropout``, PEFT's ``lora_dropout``; see
+:mod:`pixelllm.nn.lora`), active when ``rngs`` is passed to ``__call__``/``forward``
+(training); without it the model is deterministic. Every layer draws its own masks: the layer
+loop passes the same ``rngs`` on (each projection draws a fresh key), and under ``scan_layers``
+one key per layer is split off before the scan.
+
 KV cache (``init_cache``), a dict whose leaves all have the batch on axis 0 (so beam search can
 reorder it with ``jnp.take(leaf, index, axis=0)``); ``S`` (max length) is static::
 
@@ -267,6 +274,7 @@ def _projection(config: DecoderConfig, name: str, in_features: int, out_features
                 axes: tuple[str, str], rngs: nnx.Rngs) -> lora.LoRALinear:
     return lora.LoRALinear(in_features, out_features, axes=axes, rngs=rngs,
                            rank=config.lora.rank_of(name), scale=config.lora.scale,
+                           dropout=config.lora.dropout,
                            frozen=config.frozen, dtype=jnp.dtype(config.dtype),
                            param_dtype=jnp.dtype(config.param_dtype))
 
@@ -287,17 +295,17 @@ class Attention(nnx.Module):
         self.k_norm = _norm(c, c.head_dim, "kv") if c.qk_norm else None
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None
-                 ) -> tuple[jax.Array, dict | None, jax.Array]:
+                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict | None, jax.Array]:
         """``positions: [B, L]``; ``inv_freq: [Dh / 2]`` this layer's RoPE frequencies;
         ``mask: [B, L, S]`` over the keys (the cache's ``S`` slots, or the ``L`` inputs without
-        a cache); ``slots: [B, L]`` cache slots to write. Returns the output, the updated layer
-        cache and the float32 probabilities ``[B, H, L, S]``."""
+        a cache); ``slots: [B, L]`` cache slots to write; ``rngs`` enables LoRA dropout. Returns
+        the output, the updated layer cache and the float32 probabilities ``[B, H, L, S]``."""
         c = self.config
         batch, length, _ = x.shape
-        q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
-        k = self.k(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
-        v = self.v(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        q = self.q(x, rngs=rngs).reshape(batch, length, c.num_heads, c.head_dim)
+        k = self.k(x, rngs=rngs).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = self.v(x, rngs=rngs).reshape(batch, length, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -321,7 +329,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v.dtype), v).reshape(batch, length, -1)
-        return self.o(out), new_cache, probs.reshape(batch, c.num_heads, length, -1)
+        return self.o(out, rngs=rngs), new_cache, probs.reshape(batch, c.num_heads, length, -1)
 
 
 class MLP(nnx.Module):
@@ -334,8 +342,10 @@ class MLP(nnx.Module):
         self.up = _projection(c, "up", c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs)
         self.down = _projection(c, "down", c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(self.activation(self.gate(x)) * self.up(x))
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``rngs`` enables LoRA dropout."""
+        h = self.activation(self.gate(x, rngs=rngs)) * self.up(x, rngs=rngs)
+        return self.down(h, rngs=rngs)
 
 
 class DecoderBlock(nnx.Module):
@@ -352,16 +362,16 @@ class DecoderBlock(nnx.Module):
         self.post_ffw_norm = _norm(c, c.hidden_size) if c.post_norms else None
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None
-                 ) -> tuple[jax.Array, dict | None, jax.Array]:
+                 mask: jax.Array, slots: jax.Array | None, layer_cache: dict | None,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict | None, jax.Array]:
         """Arguments as :class:`Attention`'s. Returns the output, the updated layer cache and the
         attention probabilities."""
         h, new_cache, probs = self.attn(self.input_norm(x), positions=positions, inv_freq=inv_freq,
-                                        mask=mask, slots=slots, layer_cache=layer_cache)
+                                        mask=mask, slots=slots, layer_cache=layer_cache, rngs=rngs)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.pre_ffw_norm(x))
+        h = self.mlp(self.pre_ffw_norm(x), rngs=rngs)
         if self.post_ffw_norm is not None:
             h = self.post_ffw_norm(h)
         return x + h, new_cache, probs
@@ -401,7 +411,7 @@ class DecoderLM(AddedTokenRows, nnx.Module):
     def embed(self, tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Token embeddings ``[B, L] -> [B, L, D]`` in the compute dtype, with Gemma's ``√D`` scale
         (the constant rounded to float32, then to the compute dtype, as transformers).
-        ``rngs`` is accepted for the interface: this model has no dropout."""
+        ``rngs`` is accepted for the interface: this model has no input dropout."""
         del rngs
         dtype = jnp.dtype(self.config.dtype)
         table = self.embedding.get_value()
@@ -445,7 +455,7 @@ class DecoderLM(AddedTokenRows, nnx.Module):
     def __call__(self, *, tokens: jax.Array | None = None, embeddings: jax.Array | None = None,
                  positions: jax.Array, input_mask: jax.Array, cache: dict | None = None,
                  attention_layers: Sequence[int] = (), hidden_layers: Sequence[int] = (),
-                 with_logits: bool = True) -> DecoderLMOutput:
+                 with_logits: bool = True, rngs: nnx.Rngs | None = None) -> DecoderLMOutput:
         """Runs the model over ``L`` new inputs.
 
         Args:
@@ -461,6 +471,7 @@ class DecoderLM(AddedTokenRows, nnx.Module):
             :meth:`_scan_blocks`.
           with_logits: False leaves ``logits`` None (a caller that needs them for some
             positions only projects those, :meth:`logits`).
+          rngs: enables LoRA dropout (training); None is deterministic.
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens and embeddings")
@@ -492,22 +503,23 @@ class DecoderLM(AddedTokenRows, nnx.Module):
             "positions": key_positions}
         hidden_states = {0: x} if 0 in wanted else {}
         block = remat_lib.remat(
-            lambda layer, x, mask, inv_freq, layer_cache: layer(
+            lambda layer, x, mask, inv_freq, layer_cache, rngs: layer(
                 x, positions=positions, inv_freq=inv_freq, mask=mask, slots=slots,
-                layer_cache=layer_cache),
+                layer_cache=layer_cache, rngs=rngs),
             c.remat)
         if c.scan_layers:
             x, layers_cache, attention, block_outputs = self._scan_blocks(
                 block, x, masks, inv_freqs, None if cache is None else cache["layers"],
-                attention_layers, hidden_blocks)
+                attention_layers, hidden_blocks, rngs)
             if new_cache is not None:
                 new_cache["layers"] = layers_cache
             hidden_states.update({i + 1: state for i, state in block_outputs.items()})
         else:
             attention = {}
             for i, (layer, layer_type) in enumerate(zip(self.layers, c.types)):
+                layer_cache = None if cache is None else cache[f"layer_{i}"]
                 x, layer_cache, probs = block(layer, x, masks[layer_type], inv_freqs[layer_type],
-                                              None if cache is None else cache[f"layer_{i}"])
+                                              layer_cache, rngs)
                 if new_cache is not None:
                     new_cache[f"layer_{i}"] = layer_cache
                 if i in attention_layers:
@@ -531,7 +543,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
 
     def _scan_blocks(self, block, x: jax.Array, masks: dict[str, jax.Array],
                      inv_freqs: dict[str, jax.Array], layers_cache: dict | None,
-                     attention_layers: Sequence[int], hidden_blocks: Sequence[int]
+                     attention_layers: Sequence[int], hidden_blocks: Sequence[int],
+                     rngs: nnx.Rngs | None
                      ) -> tuple[jax.Array, dict | None, dict[int, jax.Array],
                                 dict[int, jax.Array]]:
         """The stacked blocks under ``nnx.scan``. Each layer's attention type enters as a bool
@@ -545,7 +558,11 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         its output in place into its row and every other block into the spare last row: a
         branch-free write (XLA:GPU runs a ``lax.cond`` by reading its predicate on the host,
         which would stall every layer) that costs one ``[B, L, D]`` copy per unchosen block.
-        Without ``hidden_blocks`` there is no buffer and no write."""
+        Without ``hidden_blocks`` there is no buffer and no write.
+
+        With ``rngs``, one dropout key per layer (``[n]`` keys split from one draw) enters the
+        scan as data and each layer builds its own ``nnx.Rngs`` from it, so the layers draw
+        different LoRA dropout masks (as the T5 stacks do)."""
         n = self.config.num_layers
         sliding = jnp.asarray([t == SLIDING_ATTENTION for t in self.config.types])
         keep_probs = bool(attention_layers)
@@ -558,20 +575,22 @@ class DecoderLM(AddedTokenRows, nnx.Module):
                 return next(iter(values.values()))
             return jnp.where(is_sliding, values[SLIDING_ATTENTION], values[FULL_ATTENTION])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
-        def run_stack(carry, layer, is_sliding, index, row):
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        def run_stack(carry, layer, is_sliding, index, row, key):
             x, kv, states = carry
             x, layer_kv, probs = block(layer, x, of_type(masks, is_sliding),
                                        of_type(inv_freqs, is_sliding),
-                                       stacked_lib.layer_cache(kv, index))
+                                       stacked_lib.layer_cache(kv, index),
+                                       None if key is None else nnx.Rngs(dropout=key))
             kv = stacked_lib.write_layer_cache(kv, layer_kv, index)
             if states is not None:
                 states = jax.lax.dynamic_update_index_in_dim(states, x, row, 0)
             return (x, kv, states), (probs if keep_probs else None)
 
+        keys = None if rngs is None else jax.random.split(rngs.dropout(), n)
         (x, layers_cache, states), probs = run_stack(
             (x, layers_cache, states), self.layers, sliding, jnp.arange(n, dtype=jnp.int32),
-            jnp.asarray(rows))
+            jnp.asarray(rows), keys)
         return (x, layers_cache, {i: probs[i] for i in attention_layers},
                 {block_index: states[row] for row, block_index in enumerate(hidden_blocks)})
 
@@ -598,15 +617,14 @@ class DecoderLM(AddedTokenRows, nnx.Module):
         """Teacher forcing over ``[prefix | text]`` (see
         :class:`~pixelllm.language.interface.LanguageModel`); positions count valid inputs only.
         ``hidden_layers`` (indices of :func:`hidden_state_indices`) adds those residual-stream
-        states at the text positions, ``{index: [N, L, D]}``. ``rngs`` is accepted for the
-        interface: this model has no dropout."""
-        del rngs
+        states at the text positions, ``{index: [N, L, D]}``. ``rngs`` (training) enables the
+        LoRA adapters' dropout, the only dropout of this model."""
         text = self.embed(tokens)
         sequence = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
         mask = jnp.concatenate([prefix_mask.astype(bool), token_mask.astype(bool)], axis=1)
         out = self(embeddings=sequence, positions=valid_positions(mask), input_mask=mask,
                    attention_layers=attention_layers, hidden_layers=hidden_layers,
-                   with_logits=False)
+                   with_logits=False, rngs=rngs)
         start = prefix.shape[1]
         attention = None if out.attention is None else {
             layer: probs[:, :, start:] for layer, probs in out.attention.items()}

@@ -125,6 +125,9 @@ class T5Config:
         self.lora.check_targets(
             _ATTENTION_TARGETS + (("wi_0", "wi_1", "wo") if self.is_gated else ("wi", "wo")))
         remat_lib.check_remat(self.remat)
+        if self.lora.dropout:
+            # The official PixelLLM's T5 LoRA folds the adapter into the kernel: no input dropout.
+            raise ValueError("lora.dropout is not supported by T5 (only by the decoder LMs)")
         if self.relative_attention_max_distance < self.relative_attention_num_buckets // 2:
             raise ValueError("relative_attention_max_distance must be >= num_buckets // 2 "
                              "(the exact-distance buckets)")

@@ -4,6 +4,12 @@ PixelLLM keeps its language model frozen and trains low-rank adapters (Hu et al.
 ``y = x W + scale * (x A) B`` with ``A: [in, r]`` random, ``B: [r, out]`` zero, so step 0 equals
 the base model.
 
+LoRA dropout (``LoRASettings.dropout``, PEFT's ``lora_dropout``; LISA trains with 0.05) drops the
+adapter branch's input only, as PEFT's ``lora.Linear.forward``:
+``y = x W + scale * (dropout(x) A) B``, inverted dropout with an independent mask per element and
+per call. It is active only when the caller passes ``rngs`` (training); without it, or at rate 0,
+the layer is deterministic. The frozen base branch never sees the mask.
+
 Variable types decide what trains:
 
 * :class:`FrozenParam` holds pretrained weights. It subclasses ``nnx.Variable`` and **not**
@@ -47,26 +53,31 @@ BASE_WEIGHTS = nnx.All(assign_lib.WEIGHTS, nnx.Not(nnx.Any(nnx.LoRAParam, AddedT
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRASettings:
     """Adapters on the projections named in ``targets``; ``rank`` 0 means none; the update is
-    scaled by ``alpha / rank`` (PEFT convention). Each model checks ``targets`` against the
-    projections it has (:meth:`check_targets`)."""
+    scaled by ``alpha / rank`` (PEFT convention); ``dropout`` is the rate of the adapters' input
+    dropout (PEFT's ``lora_dropout``, applied only when ``rngs`` is passed). Each model checks
+    ``targets`` against the projections it has (:meth:`check_targets`)."""
     rank: int = 0
     alpha: float = 1.0
     targets: tuple[str, ...] = ("q", "v")
+    dropout: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.rank < 0:
             raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+        check_dropout(self.dropout, field="lora.dropout")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object] | LoRASettings | None) -> LoRASettings:
-        """From a config's ``lora`` sub-dict (``rank``, ``alpha``, ``targets``); None: no adapters."""
+        """From a config's ``lora`` sub-dict (``rank``, ``alpha``, ``targets``, ``dropout``);
+        None: no adapters."""
         if isinstance(mapping, cls):
             return mapping
         values = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping or {})
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown lora settings {unknown}; expected rank, alpha, targets")
+            raise ValueError(f"unknown lora settings {unknown}; expected {', '.join(fields)}")
         return cls(**values)
 
     def check_targets(self, allowed: Sequence[str]) -> None:
@@ -82,6 +93,13 @@ class LoRASettings:
         return self.alpha / self.rank if self.rank else 0.0
 
 
+def check_dropout(rate: float, *, field: str = "dropout") -> float:
+    """Returns ``rate`` if it is a dropout rate in ``[0, 1)``; otherwise raises naming ``field``."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{field} must be in [0, 1), got {rate}")
+    return rate
+
+
 def weight(value: jax.Array, axes: tuple[str | None, ...], *, frozen: bool) -> nnx.Variable:
     """A ``FrozenParam`` or a trainable ``nnx.Param`` carrying logical axes."""
     if len(axes) != value.ndim:
@@ -94,16 +112,18 @@ class LoRALinear(nnx.Module):
 
     Shapes: ``x: [..., in_features] -> [..., out_features]``; ``kernel: [in, out]``,
     ``lora_a: [in, rank]``, ``lora_b: [rank, out]``. ``scale`` multiplies the adapter output
-    (PEFT uses ``alpha / rank``; the official PixelLLM uses a plain 2.0).
+    (PEFT uses ``alpha / rank``; the official PixelLLM uses a plain 2.0). ``dropout`` is the rate
+    of the adapter's input dropout (see the module docstring), used when a call passes ``rngs``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-                 rngs: nnx.Rngs, rank: int = 0, scale: float = 1.0, use_bias: bool = False,
-                 frozen: bool = True, dtype: jnp.dtype | None = None,
+                 rngs: nnx.Rngs, rank: int = 0, scale: float = 1.0, dropout: float = 0.0,
+                 use_bias: bool = False, frozen: bool = True, dtype: jnp.dtype | None = None,
                  param_dtype: jnp.dtype = jnp.float32,
                  kernel_init: nnx.Initializer = nnx.initializers.lecun_normal()):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scale, self.dtype = rank, scale, dtype
+        self.dropout = check_dropout(dropout)
         self.kernel = weight(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
                              axes, frozen=frozen)
         self.bias = (weight(jnp.zeros((out_features,), param_dtype), (axes[1],), frozen=frozen)
@@ -119,16 +139,28 @@ class LoRALinear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x: [..., in]`` -> ``[..., out]``; ``rngs`` (training) enables the adapter's input
+        dropout: a layer with an adapter and a nonzero rate draws one key from
+        ``rngs.dropout()`` per call, others draw none."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = x @ self.kernel.get_value().astype(dtype)
         if self.lora_a is not None:
-            y = y + self.scale * ((x @ self.lora_a.get_value().astype(dtype))
+            y = y + self.scale * ((self._dropout(x, rngs) @ self.lora_a.get_value().astype(dtype))
                                   @ self.lora_b.get_value().astype(dtype))
         if self.bias is not None:
             y = y + self.bias.get_value().astype(dtype)
         return y
+
+    def _dropout(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """Inverted dropout of the adapter's input (``x`` as given to the base branch, which
+        keeps the undropped ``x``): each element kept with probability ``1 - dropout`` and
+        scaled by ``1 / (1 - dropout)``, as ``torch.nn.Dropout`` in PEFT's ``lora_dropout``."""
+        if rngs is None or self.dropout == 0.0:
+            return x
+        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

@@ -44,7 +44,9 @@ def test_lisa_7b_config_values():
     assert (lm.vocab_size, lm.hidden_size, lm.intermediate_size, lm.num_layers, lm.num_heads,
             lm.num_kv_heads, lm.head_dim) == (32000, 4096, 11008, 32, 32, 32, 128)
     assert (lm.norm_eps, lm.rope_theta, lm.tie_word_embeddings) == (1e-6, 10_000.0, False)
-    assert (lm.lora.rank, lm.lora.alpha, tuple(lm.lora.targets)) == (8, 16.0, ("q", "v"))
+    # train_ds.py: --lora_r 8, --lora_alpha 16, --lora_dropout 0.05, q_proj and v_proj.
+    assert (lm.lora.rank, lm.lora.alpha, tuple(lm.lora.targets), lm.lora.dropout) == (
+        8, 16.0, ("q", "v"), 0.05)
     ids = {token: 32000 + i for i, token in enumerate(model.added_tokens)}
     assert ids == {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002, "[SEG]": 32003}
     assert model.seg_token_id == 32003

@@ -212,16 +212,18 @@ class Lisa(nnx.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def __call__(self, inputs: LisaInputs, *, max_masks: int,
-                 mask_hw: tuple[int, int]) -> LisaOutput:
+    def __call__(self, inputs: LisaInputs, *, max_masks: int, mask_hw: tuple[int, int],
+                 rngs: nnx.Rngs | None = None) -> LisaOutput:
         """Teacher-forced LISA (``model_forward``). ``max_masks`` (static): [SEG] slots per image;
-        ``mask_hw`` (static): the padded original resolution of the output masks."""
+        ``mask_hw`` (static): the padded original resolution of the output masks. ``rngs``
+        (training; LISA's ``model.train()``) enables the language model's LoRA dropout, the
+        only dropout LISA trains with; None (evaluation) is deterministic."""
         batch, convs, length = inputs.tokens.shape
         prefix, prefix_mask = self.prefix(inputs, self.image_tokens(inputs.clip_pixels))
         text = self.language_model.forward(
             prefix=prefix, prefix_mask=prefix_mask,
             tokens=inputs.tokens.reshape(batch * convs, length),
-            token_mask=inputs.token_mask.reshape(batch * convs, length))
+            token_mask=inputs.token_mask.reshape(batch * convs, length), rngs=rngs)
         index, valid = seg_slots(inputs.tokens, inputs.token_mask,
                                  seg_token_id=self.seg_token_id, max_masks=max_masks)
         hidden = text.hidden.reshape(batch, convs * length, -1)

@@ -63,10 +63,11 @@ def test_mask_losses_without_masks_are_zero():
     assert float(objective.mask_dice(masks, masks, valid_pixels, none).mean()) == 0.0
 
 
-def tiny_lisa():
+def tiny_lisa(lora_dropout: float = 0.0):
     lm = decoder.DecoderLM(decoder.DecoderConfig(
         vocab_size=SEG, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-        num_kv_heads=2, head_dim=16, lora=LoRASettings(rank=4, alpha=8.0)), rngs=nnx.Rngs(0))
+        num_kv_heads=2, head_dim=16, lora=LoRASettings(rank=4, alpha=8.0, dropout=lora_dropout)),
+        rngs=nnx.Rngs(0))
     assert lm.add_token_rows(1) == SEG
     sam = sam_lib.Sam(**sam_config.get_config("tiny").model.to_dict(), rngs=nnx.Rngs(1))
     # The real CLIP tower (LLaVA's second-to-last layer, CLS dropped), at a tiny size.
@@ -76,12 +77,27 @@ def tiny_lisa():
                          language_model=lm, sam=sam, seg_token_id=SEG, rngs=nnx.Rngs(3))
 
 
+def tiny_inputs(rng: np.random.Generator) -> lisa_lib.LisaInputs:
+    """One image, one conversation with one [SEG], for :func:`tiny_lisa`."""
+    return lisa_lib.LisaInputs(
+        clip_pixels=jnp.asarray(rng.normal(size=(1, 8, 8, 3)), jnp.float32),
+        sam_pixels=jnp.asarray(rng.normal(size=(1, 40, 40, 3)), jnp.float32),
+        prompt_before=jnp.asarray([[[1, 2]]]), prompt_before_mask=jnp.ones((1, 1, 2), bool),
+        prompt_after=jnp.asarray([[[3, 4]]]), prompt_after_mask=jnp.ones((1, 1, 2), bool),
+        tokens=jnp.asarray([[[5, 6, SEG, 7]]]), token_mask=jnp.ones((1, 1, 4), bool),
+        resized_hw=jnp.asarray([[40, 30]]), original_hw=jnp.asarray([[20, 15]]))
+
+
 def paths(state):
     return {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
 
 
 def test_only_lisas_trained_parts_are_trainable_and_frozen_encoders_get_no_gradient():
-    model = tiny_lisa()
+    # LISA's LoRA dropout, exaggerated, and nonzero B factors so that the dropout shows.
+    model = tiny_lisa(lora_dropout=0.5)
+    for layer in model.language_model.layers:
+        b = layer.attn.v.lora_b.get_value()
+        layer.attn.v.lora_b.set_value(jnp.full(b.shape, 0.5))
     trained = paths(nnx.state(model, model.trainable()))
     assert {"language_model/embedding", "language_model/lm_head",
             "language_model/added_tokens/embedding", "language_model/added_tokens/head",
@@ -93,26 +109,26 @@ def test_only_lisas_trained_parts_are_trainable_and_frozen_encoders_get_no_gradi
         assert not any(p.startswith(frozen) for p in trained), frozen
 
     rng = np.random.default_rng(0)
-    inputs = lisa_lib.LisaInputs(
-        clip_pixels=jnp.asarray(rng.normal(size=(1, 8, 8, 3)), jnp.float32),
-        sam_pixels=jnp.asarray(rng.normal(size=(1, 40, 40, 3)), jnp.float32),
-        prompt_before=jnp.asarray([[[1, 2]]]), prompt_before_mask=jnp.ones((1, 1, 2), bool),
-        prompt_after=jnp.asarray([[[3, 4]]]), prompt_after_mask=jnp.ones((1, 1, 2), bool),
-        tokens=jnp.asarray([[[5, 6, SEG, 7]]]), token_mask=jnp.ones((1, 1, 4), bool),
-        resized_hw=jnp.asarray([[40, 30]]), original_hw=jnp.asarray([[20, 15]]))
+    inputs = tiny_inputs(rng)
     targets = jnp.asarray(rng.integers(0, 2, (1, 1, 20, 15)), jnp.float32)
 
-    def loss(model):
-        out = model(inputs, max_masks=1, mask_hw=(20, 15))
+    def loss(model, rngs):
+        out = model(inputs, max_masks=1, mask_hw=(20, 15), rngs=rngs)
         terms = objective.lisa_losses(
             logits=out.logits, tokens=inputs.tokens, label_mask=jnp.asarray([[[0, 1, 1, 1]]], bool),
             masks=out.masks, mask_valid=out.mask_valid, target_masks=targets,
             original_hw=inputs.original_hw)
         return objective.total_loss(terms)
 
-    # Gradients w.r.t. the trained set and every other nnx.Param, in one pass.
-    grad_fn = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Any(model.trainable(), nnx.Param)))
-    grads = nnx.jit(grad_fn)(model)
+    # A training step (rngs: LoRA dropout on, as LISA's model.train()): gradients w.r.t. the
+    # trained set and every other nnx.Param, in one pass.
+    step = nnx.jit(nnx.value_and_grad(
+        loss, argnums=nnx.DiffState(0, nnx.Any(model.trainable(), nnx.Param))))
+    rngs = nnx.Rngs(dropout=0)
+    first_loss, grads = step(model, rngs)
+    # The rngs reach the language model's adapters: fresh dropout masks, another loss.
+    second_loss, _ = step(model, rngs)
+    assert abs(float(first_loss) - float(second_loss)) > 1e-5
     norms = {p: float(jnp.abs(v.get_value()).max()) for p, v in
              (("/".join(map(str, k)), v) for k, v in nnx.to_flat_state(grads))}
     # stop_gradient: nothing reaches SAM's image encoder or the vision tower.
@@ -125,3 +141,4 @@ def test_only_lisas_trained_parts_are_trainable_and_frozen_encoders_get_no_gradi
                  "language_model/added_tokens/embedding", "language_model/layers/1/attn/v/lora_b",
                  "mm_projector/kernel"):
         assert norms[live] > 0, live
+
