@@ -142,8 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.batch_size = settings["batch_size"]
     train.steps = settings["steps"]
     train.log_every = 10 if run == "demo" else 1
-    # Evaluated once, after training (the demo's report reads eval/<last step>/).
-    train.eval_every = 0
+    # Evaluated once, at the last step, in the training process (the demo's report reads
+    # eval/<last step>/).
+    train.eval_every = settings["steps"]
     train.eval_metrics = True
     optimizer = config.optimizer
     optimizer.update(learning_rate=2e-3, warmup_steps=settings["warmup_steps"],
