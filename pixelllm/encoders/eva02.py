@@ -48,6 +48,7 @@ from pixelllm.checkpoints.assign import assign, param_shapes
 from pixelllm.checkpoints.key_map import (
     CONV, KEEP, TRANSPOSE, Rule, Transform, apply_key_map)
 from pixelllm.nn import remat as remat_lib
+from pixelllm.nn.dropout import inverted_dropout
 from pixelllm.nn.stacked import stack_modules
 from pixelllm.nn.layers import conv, layer_norm, linear, param
 from pixelllm.nn.resize import resize_2d
@@ -151,9 +152,8 @@ class DropPath(nnx.Module):
         """``x: [B, ...]``; ``rate`` a scalar in ``[0, 1)``."""
         if self.deterministic:
             return x
-        keep = 1.0 - jnp.asarray(rate, jnp.float32)
-        kept = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+        return inverted_dropout(x, jnp.asarray(rate, jnp.float32), self.rngs(),
+                                mask_shape=(x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class Block(nnx.Module):

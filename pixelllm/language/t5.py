@@ -67,6 +67,7 @@ from pixelllm.language import decoding
 from pixelllm.language.added_tokens import AddedTokenRows, AddedTokens
 from pixelllm.language.interface import DecodeStart, TextOutput
 from pixelllm.nn import activations, lora
+from pixelllm.nn.dropout import inverted_dropout
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.lora import LoRASettings
 from pixelllm.nn.norms import RMSNorm
@@ -204,8 +205,7 @@ def _dropout(x: jax.Array, cfg: T5Config, rngs: nnx.Rngs | None) -> jax.Array:
     shape = list(x.shape)
     if cfg.dropout_shared_over_positions:
         shape[-2] = 1
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return inverted_dropout(x, rate, rngs.dropout(), mask_shape=shape)
 
 
 def _normal(std: float) -> nnx.Initializer:

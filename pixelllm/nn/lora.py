@@ -36,6 +36,7 @@ from flax import nnx
 
 from pixelllm.checkpoints import assign as assign_lib
 from pixelllm.checkpoints.safetensors_file import read_safetensors
+from pixelllm.nn.dropout import inverted_dropout
 
 
 class FrozenParam(nnx.Variable):
@@ -159,8 +160,7 @@ class LoRALinear(nnx.Module):
         scaled by ``1 / (1 - dropout)``, as ``torch.nn.Dropout`` in PEFT's ``lora_dropout``."""
         if rngs is None or self.dropout == 0.0:
             return x
-        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        return inverted_dropout(x, self.dropout, rngs.dropout())
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

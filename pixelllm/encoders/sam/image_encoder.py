@@ -34,6 +34,7 @@ from flax import nnx
 from pixelllm.checkpoints.key_map import CONV, TRANSPOSE, Rule
 from pixelllm.nn import layers
 from pixelllm.nn import remat as remat_lib
+from pixelllm.nn.dropout import inverted_dropout
 from pixelllm.nn.resize import resize_2d, resize_axis
 
 # segment_anything's LayerNorm2d and HF's SamLayerNorm fix the neck's eps, whatever the blocks use.
@@ -128,8 +129,8 @@ def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     values rescaled by ``1 / (1 - rate)``; the identity without ``rngs`` (evaluation)."""
     if rngs is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    return inverted_dropout(x, rate, rngs.dropout(),
+                            mask_shape=(x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class EncoderBlock(nnx.Module):
