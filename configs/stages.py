@@ -139,14 +139,12 @@ class Stage:
                              f"{OPTIONAL_MODULES}")
 
 
-_NO_ADAPTER_NO_DETECTOR = ("mask_adapter", "proposal_head")
-
 # Official checkpoint and evaluation intervals: 1000 and 2500 x iter_factor (densecap 5000).
 STAGES = {
     "trace": Stage(data="trace_coco", batch_size=256, steps=10_000, warmup_steps=250,
-                   learning_rate=5e-5, unbuilt=_NO_ADAPTER_NO_DETECTOR, eva02_public=True),
+                   learning_rate=5e-5, unbuilt=OPTIONAL_MODULES, eva02_public=True),
     "ref": Stage(data="ref_official", batch_size=64, steps=120_000, warmup_steps=1_000,
-                 learning_rate=5e-5, unbuilt=_NO_ADAPTER_NO_DETECTOR, init_from="trace",
+                 learning_rate=5e-5, unbuilt=OPTIONAL_MODULES, init_from="trace",
                  save_interval_steps=4_000, eval_every=10_000),
     "refseg": Stage(data="refseg_official", batch_size=64, steps=60_000, warmup_steps=500,
                     learning_rate=5e-5, lr_multipliers=(("mask_adapter/", 10.0),),
