@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines import example_fields
 from pixelllm.language.tokenizer import Tokenizer
 
 SEPARATOR = "."  # RefCOCO2PNG's split token: the last id of tokenizer.encode('.')
@@ -75,22 +76,6 @@ class ReferredObject:
     mask: np.ndarray
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _field(example: Mapping[str, Any], key: str, image_id: str) -> Any:
-    if key not in example:
-        raise ValueError(f"example {image_id}: no field {key!r} (fields: {sorted(example)})")
-    return example[key]
-
-
-def _image_id(example: Mapping[str, Any]) -> str:
-    if "image/id" not in example:
-        raise ValueError(f"example without field 'image/id' (fields: {sorted(example)})")
-    return _text(example["image/id"])
-
-
 def referred_objects(example: Mapping[str, Any]) -> list[ReferredObject]:
     """The image's objects as ``RefCocoDataset`` lists them (module docstring): refs of one
     annotation merged at the first one's place with the last one's sentences.
@@ -99,10 +84,10 @@ def referred_objects(example: Mapping[str, Any]) -> list[ReferredObject]:
       ValueError: a field is missing, an expression names no object, or an object has no
         sentence (names the example).
     """
-    image_id = _image_id(example)
-    image = np.asarray(_field(example, "image", image_id))
-    objects = _field(example, "objects", image_id)
-    expressions = _field(example, "expressions", image_id)
+    image_id = example_fields.image_id(example)
+    image = np.asarray(example_fields.field(example, "image", image_id))
+    objects = example_fields.field(example, "objects", image_id)
+    expressions = example_fields.field(example, "expressions", image_id)
     ann_ids = np.asarray(objects["id"]).reshape(-1)
     masks = np.asarray(objects["mask"])
     if masks.ndim == 4:
@@ -111,7 +96,7 @@ def referred_objects(example: Mapping[str, Any]) -> list[ReferredObject]:
         raise ValueError(f"example {image_id}: field 'objects/mask' is {list(masks.shape)}, "
                          f"expected [{len(ann_ids)}, {image.shape[0]}, {image.shape[1]}]")
     owners = np.asarray(expressions["object"]).reshape(-1)
-    raws = [_text(v) for v in np.asarray(expressions["raw"], dtype=object).reshape(-1)]
+    raws = example_fields.texts(expressions["raw"])
     sentence_ids = np.asarray(expressions["id"]).reshape(-1)
     sentences: list[list[tuple[str, int]]] = [[] for _ in ann_ids]
     for owner, raw, sentence_id in zip(owners, raws, sentence_ids):
@@ -164,11 +149,8 @@ def caption_tokens(phrases: Sequence[str], tokenizer: Tokenizer
 
 
 def _sample(example: Mapping[str, Any], *, tokenizer: Tokenizer, choose) -> dict[str, Any]:
-    image_id = _image_id(example)
-    image = np.asarray(_field(example, "image", image_id))
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"example {image_id}: field 'image' must be uint8 [H, W, 3], got "
-                         f"{image.dtype} {list(image.shape)}")
+    image_id = example_fields.image_id(example)
+    image = example_fields.image(example, image_id)
     objects = referred_objects(example)
     picks = [choose(obj) for obj in objects]
     phrases = tuple(obj.raws[k].lower() for obj, k in zip(objects, picks))

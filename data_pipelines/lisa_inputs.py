@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipelines import example_fields
 from pixelllm.encoders import clip as clip_lib
 from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language.tokenizer import Tokenizer
@@ -105,37 +106,6 @@ class LisaSizes:
     mask_hw: tuple[int, int]
     clip_image_size: int = 224
     sam_image_size: int = 1024
-
-
-# ---------------------------------------------------------------------------------- fields
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _texts(values: Any) -> list[str]:
-    return [_text(v) for v in np.asarray(values, dtype=object).reshape(-1)]
-
-
-def _field(example: Mapping[str, Any], key: str, image_id: str) -> Any:
-    if key not in example:
-        raise ValueError(f"example {image_id}: no field {key!r} (fields: {sorted(example)})")
-    return example[key]
-
-
-def _image(example: Mapping[str, Any], image_id: str) -> np.ndarray:
-    image = np.asarray(_field(example, "image", image_id))
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"example {image_id}: field 'image' must be uint8 [H, W, 3], got "
-                         f"{image.dtype} {list(image.shape)}")
-    return image
-
-
-def _image_id(example: Mapping[str, Any]) -> str:
-    if "image/id" not in example:
-        raise ValueError(f"example without field 'image/id' (fields: {sorted(example)})")
-    return _text(example["image/id"])
 
 
 # ---------------------------------------------------------------------------------- pixels
@@ -291,24 +261,24 @@ def _answer(rng: np.random.Generator) -> str:
 
 def _reason_seg_fields(example: Mapping[str, Any], image_id: str
                        ) -> tuple[np.ndarray, list[str], bool, np.ndarray]:
-    image = _image(example, image_id)
-    queries = _texts(_field(example, "queries", image_id))
+    image = example_fields.image(example, image_id)
+    queries = example_fields.texts(example_fields.field(example, "queries", image_id))
     if not queries:
         raise ValueError(f"example {image_id}: field 'queries' is empty")
-    mask = np.asarray(_field(example, "mask", image_id))
+    mask = np.asarray(example_fields.field(example, "mask", image_id))
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.shape != image.shape[:2]:
         raise ValueError(f"example {image_id}: field 'mask' is {list(mask.shape)}, the image "
                          f"{list(image.shape[:2])}")
-    return image, queries, bool(_field(example, "is_sentence", image_id)), mask
+    return image, queries, bool(example_fields.field(example, "is_sentence", image_id)), mask
 
 
 def _explanation(example: Mapping[str, Any]) -> str | None:
     """The image's explanation (the builder's ``explanations/outputs``): the last entry, as
     LISA's image -> explanation dict keeps; None without one."""
     explanations = example.get("explanations")
-    outputs = _texts(explanations["outputs"]) if explanations is not None else []
+    outputs = example_fields.texts(explanations["outputs"]) if explanations is not None else []
     return outputs[-1] if outputs else None
 
 
@@ -318,7 +288,7 @@ def reason_seg_train_sample(example: Mapping[str, Any], *, tokenizer: Tokenizer,
                             explanatory: float = 0.1) -> dict[str, Any]:
     """LISA's ``ReasonSegDataset`` sample of a ReasonSeg example (module docstring);
     ``explanatory < 0`` turns the explanatory mode off (LISA's ``-1``)."""
-    image_id = _image_id(example)
+    image_id = example_fields.image_id(example)
     image, queries, is_sentence, mask = _reason_seg_fields(example, image_id)
     chosen = _sample_indices(len(queries), num_classes_per_sample, rng)
     explanation = _explanation(example) if explanatory >= 0 else None
@@ -351,7 +321,7 @@ def reason_seg_val_sample(example: Mapping[str, Any], *, tokenizer: Tokenizer,
                           seg_token_id: int, sizes: LisaSizes) -> dict[str, Any]:
     """LISA's ``ValDataset`` sample of a ReasonSeg example: the first query answered
     ``[SEG].``, the mask with its 255 pixels kept."""
-    image_id = _image_id(example)
+    image_id = example_fields.image_id(example)
     image, queries, is_sentence, mask = _reason_seg_fields(example, image_id)
     template = VAL_SENTENCE_QUESTION if is_sentence else VAL_PHRASE_QUESTION
     return build_sample(image_id=image_id, image=image,
@@ -363,13 +333,13 @@ def reason_seg_val_sample(example: Mapping[str, Any], *, tokenizer: Tokenizer,
 def _refcoco_expressions(example: Mapping[str, Any], image_id: str
                          ) -> tuple[np.ndarray, list[tuple[str, np.ndarray, str]]]:
     """``(image, [(sentence, mask 0/1 [H, W], expression id)])`` of a ``refer_coco`` example."""
-    image = _image(example, image_id)
-    objects = _field(example, "objects", image_id)
-    expressions = _field(example, "expressions", image_id)
+    image = example_fields.image(example, image_id)
+    objects = example_fields.field(example, "objects", image_id)
+    expressions = example_fields.field(example, "expressions", image_id)
     object_masks = np.asarray(objects["mask"])
     if object_masks.ndim == 4:
         object_masks = object_masks[..., 0]
-    texts = _texts(expressions["text"])
+    texts = example_fields.texts(expressions["text"])
     owners = np.asarray(expressions["object"]).reshape(-1)
     ids = np.asarray(expressions["id"]).reshape(-1)
     out = []
@@ -388,7 +358,7 @@ def refcoco_train_sample(example: Mapping[str, Any], *, tokenizer: Tokenizer,
                          num_classes_per_sample: int = 3) -> dict[str, Any]:
     """LISA's ``ReferSegDataset`` sample of a ``refer_coco`` example: up to
     ``num_classes_per_sample`` sentences of the image, short questions, one mask each."""
-    image_id = _image_id(example)
+    image_id = example_fields.image_id(example)
     image, expressions = _refcoco_expressions(example, image_id)
     chosen = [expressions[i] for i in _sample_indices(len(expressions), num_classes_per_sample,
                                                       rng)]
@@ -404,7 +374,7 @@ def refcoco_val_samples(example: Mapping[str, Any], *, tokenizer: Tokenizer,
                         seg_token_id: int, sizes: LisaSizes) -> list[dict[str, Any]]:
     """LISA's ``ValDataset`` of a ``refer_coco`` example: every sentence (stripped,
     lower-cased) answered ``[SEG].``, in samples of ``min(C, M)`` conversations."""
-    image_id = _image_id(example)
+    image_id = example_fields.image_id(example)
     image, expressions = _refcoco_expressions(example, image_id)
     per_sample = min(sizes.conversations, sizes.max_masks)
     samples = []
