@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,16 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     return _resolve(path) if path.is_dir() else path
+
+
+def state_dict_and_source(checkpoint: str | Path | Mapping[str, np.ndarray], *, what: str
+                          ) -> tuple[Mapping[str, np.ndarray], str]:
+    """``(state dict, name for error messages)`` of a loader's ``checkpoint`` argument: a state
+    dict given as is (named ``"<what> state dict"``), or a path read by :func:`read_state_dict`
+    (named by :func:`checkpoint_file`)."""
+    if isinstance(checkpoint, Mapping):
+        return checkpoint, f"{what} state dict"
+    return read_state_dict(checkpoint), str(checkpoint_file(checkpoint))
 
 
 def read_state_dict(path: str | Path, *, prefix: str = "") -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError, stack_depth, stored_shape
-from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
+from pixelllm.checkpoints.state_dict import state_dict_and_source
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
 from pixelllm.encoders.sam import prompt_encoder as prompt_encoder_lib
@@ -243,6 +243,16 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *, source: str,
     }
 
 
+def model_fields(state_dict: Mapping[str, np.ndarray], *, source: str,
+                 config: Mapping | None = None) -> dict[str, dict]:
+    """:class:`Sam`'s fields, per part (fresh dicts): ``config``'s (``configs/sam.py``'s
+    ``model``), or, without it, the state dict's own shapes (:func:`config_from_state_dict`)."""
+    if config is None:
+        return config_from_state_dict(state_dict, source=source)
+    return {part: dict(config[part])
+            for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+
+
 def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *,
              config: Mapping | None = None, img_size: int | None = None,
              dtype: jnp.dtype = jnp.float32) -> Sam:
@@ -252,14 +262,8 @@ def load_sam(checkpoint: str | Path | Mapping[str, np.ndarray], *,
     builds the model from the file's own shapes (:func:`config_from_state_dict`). ``img_size``
     (e.g. 384 as PixelLLM) overrides the input size only; weights keep their pretrained shapes.
     """
-    is_dict = isinstance(checkpoint, Mapping)
-    source = "SAM state dict" if is_dict else str(checkpoint_file(checkpoint))
-    state_dict = checkpoint if is_dict else read_state_dict(checkpoint)
-    if config is None:
-        fields = config_from_state_dict(state_dict, source=source)
-    else:
-        fields = {part: dict(config[part])
-                  for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    state_dict, source = state_dict_and_source(checkpoint, what="SAM")
+    fields = model_fields(state_dict, source=source, config=config)
     if img_size is not None:
         fields["image_encoder"]["img_size"] = img_size
     try:

@@ -48,7 +48,7 @@ from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import (WEIGHTS, CheckpointMismatchError, assign,
                                          param_shapes, stack_depth, stored_shape)
 from pixelllm.checkpoints.key_map import TRANSPOSE, Rule
-from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
+from pixelllm.checkpoints.state_dict import checkpoint_file, state_dict_and_source
 from pixelllm.encoders.sam import image_encoder as image_encoder_lib
 from pixelllm.encoders.sam import mask_decoder as mask_decoder_lib
 from pixelllm.encoders.sam import prompt_encoder as prompt_encoder_lib
@@ -208,12 +208,6 @@ def build_head(config: Mapping[str, Mapping[str, int]], sam_fields: Mapping[str,
     return FlmmHead(mask_head=unet, refiner=refiner)
 
 
-def _read(checkpoint: Checkpoint, what: str) -> tuple[Mapping[str, np.ndarray], str]:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint, f"{what} state dict"
-    return read_state_dict(checkpoint), str(checkpoint_file(checkpoint))
-
-
 def load_head(flmm: Checkpoint, *, sam: Checkpoint, sam_config: Mapping | None = None,
               dtype: jnp.dtype = jnp.float32, upsample_input: int = UPSAMPLE_INPUT) -> FlmmHead:
     """The trained head of a released F-LMM: built from ``flmm``'s shapes and ``sam``'s (the
@@ -221,14 +215,17 @@ def load_head(flmm: Checkpoint, *, sam: Checkpoint, sam_config: Mapping | None =
     resizes to the image encoder's ``img_size``, 1024), then filled by :func:`load`.
     ``sam_config``: SAM's model fields (``configs/sam.py``'s ``model``) instead of the file's
     shapes, which do not hold the decoder's head count (8 in every released SAM)."""
-    state_dict, source = _read(flmm, "F-LMM")
-    sam_state_dict, sam_source = _read(sam, "SAM")
+    state_dict, source = state_dict_and_source(flmm, what="F-LMM")
+    return _head(state_dict, source, sam=sam, sam_config=sam_config, dtype=dtype,
+                 upsample_input=upsample_input)
+
+
+def _head(state_dict: Mapping[str, np.ndarray], source: str, *, sam: Checkpoint,
+          sam_config: Mapping | None, dtype: jnp.dtype, upsample_input: int) -> FlmmHead:
+    """:func:`load_head` of a read F-LMM file named ``source``."""
+    sam_state_dict, sam_source = state_dict_and_source(sam, what="SAM")
     config = config_from_state_dict(state_dict, source=source)
-    if sam_config is None:
-        sam_fields = sam_lib.config_from_state_dict(sam_state_dict, source=sam_source)
-    else:
-        sam_fields = {part: dict(sam_config[part])
-                      for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    sam_fields = sam_lib.model_fields(sam_state_dict, source=sam_source, config=sam_config)
     head = nnx.eval_shape(lambda: build_head(config, sam_fields, rngs=nnx.Rngs(0), dtype=dtype,
                                              upsample_input=upsample_input))
     return load(head, state_dict, source=source, sam_state_dict=sam_state_dict,
@@ -258,13 +255,14 @@ def load_released(*, flmm: Checkpoint, sam: Checkpoint, llava: str | os.PathLike
     read by :func:`~pixelllm.models.flmm.llava.load_llava`). The head is checked against the
     LLaVA's ``config.json`` (:func:`check_lmm`) before the LLaVA's weights are read;
     ``sam_config`` as in :func:`load_head`."""
-    head = load_head(flmm, sam=sam, sam_config=sam_config, dtype=dtype)
+    state_dict, source = state_dict_and_source(flmm, what="F-LMM")
+    head = _head(state_dict, source, sam=sam, sam_config=sam_config, dtype=dtype,
+                 upsample_input=UPSAMPLE_INPUT)
     config_path = Path(checkpoint_file(llava)).parent / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no config.json beside {checkpoint_file(llava)}")
     lmm = llava_lib.config_from_hf(json.loads(config_path.read_text()),
                                    source=str(config_path))["language_model"]
-    flmm_name = "F-LMM state dict" if isinstance(flmm, Mapping) else str(checkpoint_file(flmm))
     check_lmm(head, num_layers=lmm["num_layers"], num_heads=lmm["num_heads"],
-              hidden_size=lmm["hidden_size"], source=f"{flmm_name} with {config_path}")
+              hidden_size=lmm["hidden_size"], source=f"{source} with {config_path}")
     return llava_lib.load_llava(llava, dtype=dtype), head

@@ -42,7 +42,7 @@ from flax import nnx
 from pixelllm.checkpoints import key_map
 from pixelllm.checkpoints.assign import CheckpointMismatchError
 from pixelllm.checkpoints.key_map import TRANSPOSE, Rule
-from pixelllm.checkpoints.state_dict import checkpoint_file, read_state_dict
+from pixelllm.checkpoints.state_dict import state_dict_and_source
 from pixelllm.encoders import clip as clip_lib
 from pixelllm.encoders.sam import sam as sam_lib
 from pixelllm.language import decoder
@@ -206,12 +206,6 @@ def check_seg_token(tokenizer: Tokenizer, seg_token_id: int) -> None:
                          "after <im_patch>, <im_start>, <im_end>?)")
 
 
-def _read(checkpoint: Checkpoint, what: str) -> tuple[Mapping[str, np.ndarray], str]:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint, f"{what} state dict"
-    return read_state_dict(checkpoint), str(checkpoint_file(checkpoint))
-
-
 def load_pretrained(model: Lisa, *, lisa: Checkpoint, clip: Checkpoint | None = None,
                     tokenizer: Tokenizer | None = None) -> Lisa:
     """:func:`load` from files: ``lisa`` a LISA folder, shard index or file; ``clip`` a CLIP
@@ -219,8 +213,9 @@ def load_pretrained(model: Lisa, *, lisa: Checkpoint, clip: Checkpoint | None = 
     model's ``seg_token_id`` (:func:`check_seg_token`)."""
     if tokenizer is not None:
         check_seg_token(tokenizer, model.seg_token_id)
-    state_dict, source = _read(lisa, "LISA")
-    clip_state_dict, clip_source = (None, "") if clip is None else _read(clip, "CLIP")
+    state_dict, source = state_dict_and_source(lisa, what="LISA")
+    clip_state_dict, clip_source = ((None, "") if clip is None
+                                    else state_dict_and_source(clip, what="CLIP"))
     return load(model, state_dict, source=source, clip_state_dict=clip_state_dict,
                 clip_source=clip_source)
 
