@@ -54,6 +54,17 @@ original_masks      bool [B, S, M, M]        each slot's referring mask at the o
                                              where ``Sizes.original_masks`` (M) > 0
 ==================  =======================  =================================================
 
+Cached-feature key (:data:`CACHED_SPEC`): a training pipeline reading the SAM feature cache
+(``config.data.sam_feature_cache``, :mod:`data_pipelines.sam_feature_store`) adds the frozen SAM
+image encoder's output for each example's canvas, and the model then skips that encoder; present
+only where ``Sizes.sam_grid`` > 0:
+
+==================  =======================  =================================================
+sam_features        float32 [B, F, F, C]     SAM's image embedding of ``image`` (F = canvas /
+                                             16, C = SAM's ``out_chans``), as computed without
+                                             drop path
+==================  =======================  =================================================
+
 Checks: :func:`validate` (keys, dtype kinds, ranks, agreeing sizes; shapes and dtypes only, so
 it also runs on tracers), :func:`check_token_ids` (values: every id inside the vocabulary) and
 :class:`BatchChecker`, both at the train-step boundary on host arrays.
@@ -91,6 +102,7 @@ GT_TEXT_MASK = "gt_text_mask"
 IMAGE_ID = "image_id"
 ORIGINAL_WH = "original_wh"
 ORIGINAL_MASKS = "original_masks"
+SAM_FEATURES = "sam_features"
 
 # The loss masks of the contract, by the loss names of the task table (pixelllm/tasks.py).
 LOSS_MASKS = {"text": TASK_TEXT, "points": TASK_POINTS, "box": TASK_BOX, "mask": TASK_MASK,
@@ -142,6 +154,9 @@ EVALUATION_SPEC: dict[str, Field] = {
 # Evaluation-only keys a pipeline has only when its sizes ask for them (Sizes.original_masks).
 OPTIONAL_EVALUATION_KEYS = (ORIGINAL_MASKS,)
 
+# The key a training pipeline adds when it reads cached SAM features (Sizes.sam_grid > 0).
+CACHED_SPEC: dict[str, Field] = {SAM_FEATURES: Field(_F32, ("B", "F", "F", "C"))}
+
 # The per-slot keys ([B, S, ...]): what a model may rebuild per slot (dense captioning).
 SLOT_KEYS = tuple(key for key, field in SPEC.items() if field.axes[:2] == ("B", "S"))
 
@@ -160,6 +175,9 @@ class Sizes:
       original_masks: M, the side of the evaluation-only ``original_masks`` frame (at least
         every original image side; COCO's largest is 640); 0: no such key (evaluation sources
         of tasks without masks, and training).
+      sam_grid: F, the side of the cached ``sam_features`` grid (canvas / 16); 0: no such key
+        (SAM runs in the model).
+      sam_channels: C, the channels of ``sam_features`` (SAM's ``out_chans``).
     """
 
     canvas: int = 384
@@ -169,11 +187,19 @@ class Sizes:
     points_per_token: int = 2
     objects: int = 100
     original_masks: int = 0
+    sam_grid: int = 0
+    sam_channels: int = 0
 
     def axes(self) -> dict[str, int]:
-        """Axis name -> size, for every axis of :data:`SPEC` but B."""
+        """Axis name -> size, for every axis of :data:`SPEC` and :data:`CACHED_SPEC` but B."""
         return {"H": self.canvas, "W": self.canvas, "S": self.slots, "Lc": self.context_length,
-                "L": self.text_length, "K": self.points_per_token, "G": self.objects}
+                "L": self.text_length, "K": self.points_per_token, "G": self.objects,
+                "F": self.sam_grid, "C": self.sam_channels}
+
+    def fields(self) -> dict[str, Field]:
+        """The training keys of a batch of these sizes: :data:`SPEC`, and
+        :data:`CACHED_SPEC` where ``sam_grid`` > 0."""
+        return {**SPEC, **(CACHED_SPEC if self.sam_grid > 0 else {})}
 
 
 def _shape(axes: tuple[str, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
@@ -186,7 +212,7 @@ def example_spec(sizes: Sizes, *, evaluation: bool = False
     ``evaluation``, the evaluation-only keys (:data:`EVALUATION_SPEC`) too, ``original_masks``
     only where ``sizes.original_masks`` > 0."""
     named = {**sizes.axes(), "M": sizes.original_masks}
-    fields = dict(SPEC)
+    fields = sizes.fields()
     if evaluation:
         fields.update({key: field for key, field in EVALUATION_SPEC.items()
                        if key not in OPTIONAL_EVALUATION_KEYS or sizes.original_masks > 0})
@@ -194,9 +220,9 @@ def example_spec(sizes: Sizes, *, evaluation: bool = False
 
 
 def batch_spec(sizes: Sizes, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``key -> (shape, dtype)`` of a batch of ``batch_size`` examples."""
+    """``key -> (shape, dtype)`` of a training batch of ``batch_size`` examples."""
     named = {**sizes.axes(), "B": batch_size}
-    return {key: (_shape(field.axes, named), field.dtype) for key, field in SPEC.items()}
+    return {key: (_shape(field.axes, named), field.dtype) for key, field in sizes.fields().items()}
 
 
 _KINDS = {"f": "floating", "i": "integer", "b": "bool"}
@@ -226,7 +252,8 @@ def validate(batch: Mapping[str, Any]) -> dict[str, int]:
     if missing:
         raise BatchError(f"batch is missing keys {missing}")
     sizes: dict[str, int] = {}
-    for key, field in SPEC.items():
+    fields = {**SPEC, **{key: field for key, field in CACHED_SPEC.items() if key in batch}}
+    for key, field in fields.items():
         value = batch[key]
         shape, dtype = tuple(value.shape), np.dtype(value.dtype)
         if not _kind_ok(dtype, field.dtype.kind):
@@ -284,9 +311,13 @@ class BatchChecker:
         if signature not in self._seen:
             found = validate(batch)
             if self.sizes is not None:
+                fields = self.sizes.fields()
+                missing = sorted(set(fields) - set(batch))
+                if missing:
+                    raise BatchError(f"batch is missing keys {missing} (sizes {self.sizes})")
                 for axis, expected in self.sizes.axes().items():
-                    if found[axis] != expected:
-                        key = next(k for k, f in SPEC.items() if axis in f.axes)
+                    key = next((k for k, f in fields.items() if axis in f.axes), None)
+                    if key is not None and found[axis] != expected:
                         raise BatchError(f"batch[{key!r}] has {axis}={found[axis]}, the model "
                                          f"expects {axis}={expected}")
             self._seen.add(signature)

@@ -103,10 +103,13 @@ def place(tree: Any, mesh: Mesh, rules: sharding.Rules) -> Any:
     return jax.device_put(tree, tree_shardings(tree, mesh, rules))
 
 
-def batch_shardings(mesh: Mesh, rules: sharding.Rules) -> dict[str, NamedSharding]:
-    """Every key of the batch contract split over its leading (batch) axis."""
+def batch_shardings(mesh: Mesh, rules: sharding.Rules, *, cached_sam_features: bool = False
+                    ) -> dict[str, NamedSharding]:
+    """Every key of the batch contract (with ``cached_sam_features``, also
+    :data:`pixelllm.batch.SAM_FEATURES`) split over its leading (batch) axis."""
     spec = sharding.logical_to_spec(("batch",), rules, mesh=mesh)
-    return {key: NamedSharding(mesh, spec) for key in batch_lib.SPEC}
+    keys = {**batch_lib.SPEC, **(batch_lib.CACHED_SPEC if cached_sam_features else {})}
+    return {key: NamedSharding(mesh, spec) for key in keys}
 
 
 def batch_shards(mesh: Mesh, rules: sharding.Rules) -> int:
@@ -142,7 +145,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State
                     tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules,
                     loss_weights: Mapping[str, Any], batch_size: int,
                     accumulation_steps: int = 1, clip_norm: float | None = None,
-                    seed: int = 0) -> StepFn:
+                    seed: int = 0, cached_sam_features: bool = False) -> StepFn:
     """The jitted train step ``(state, frozen, batch) -> (state, metrics)``.
 
     Args:
@@ -155,6 +158,8 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State
         that each split over the mesh's batch axes.
       clip_norm: clip the gradient to this global norm (None: no clipping).
       seed: the run's seed; step ``s`` draws its randomness from ``fold_in(key(seed), s)``.
+      cached_sam_features: batches carry :data:`pixelllm.batch.SAM_FEATURES` (the SAM feature
+        cache) and the step does not run SAM's image encoder.
 
     Call it with ``state`` and ``frozen`` on the mesh (:func:`place`) and every batch in one
     form (host arrays, or ``jax.device_put(batch, batch_shardings(mesh, rules))``): jit's cache
@@ -251,7 +256,8 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step,
                    in_shardings=(state_sharding, tree_shardings(frozen, mesh, rules),
-                                 batch_shardings(mesh, rules)),
+                                 batch_shardings(mesh, rules,
+                                                 cached_sam_features=cached_sam_features)),
                    out_shardings=(state_sharding, replicated),
                    donate_argnums=0)
 

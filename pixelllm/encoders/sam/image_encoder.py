@@ -219,6 +219,8 @@ class SamImageEncoder(nnx.Module):
         if bad:
             raise ValueError(f"global_attn_indexes {bad} out of range for depth={depth}")
         self.img_size = img_size
+        self.patch_size = patch_size
+        self.out_chans = out_chans
         self.dtype = dtype
         self.remat = remat_lib.check_remat(remat)
         pretrain_grid = pretrain_img_size // patch_size

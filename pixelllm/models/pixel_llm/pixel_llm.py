@@ -205,15 +205,40 @@ class PixelLLM(nnx.Module):
 
     # ------------------------------------------------------------------ image and prompts
 
+    def sam_features(self, image: jax.Array, valid_wh: jax.Array, *,
+                     rngs: nnx.Rngs | None = None) -> jax.Array:
+        """SAM's image embedding ``[B, F, F, C]`` of ``image [B, H, W, 3]`` (0-255 canvas);
+        ``rngs`` enables its drop path. Without ``rngs`` this is what the SAM feature cache
+        stores (``pixelllm.tools.sam_cache``)."""
+        mask = padding_mask(valid_wh, image.shape[1:3])
+        return self.sam.image_encoder(sam_lib.normalize(image, mask), rngs=rngs)
+
     def encode_image(self, image: jax.Array, valid_wh: jax.Array, *,
+                     sam_features: jax.Array | None = None,
                      rngs: nnx.Rngs | None = None) -> ImageFeatures:
         """``image [B, H, W, 3]`` (0-255 canvas), ``valid_wh [B, 2]`` -> :class:`ImageFeatures`.
         ``rngs`` (training) enables SAM's drop path: the official runs its frozen SAM in
-        training mode."""
-        mask = padding_mask(valid_wh, image.shape[1:3])
-        sam_map = self.sam.image_encoder(sam_lib.normalize(image, mask), rngs=rngs)
+        training mode. ``sam_features [B, F, F, C]`` (the batch's cached SAM embedding,
+        :data:`pixelllm.batch.SAM_FEATURES`) replaces running SAM's image encoder; only a
+        frozen SAM can be cached."""
+        if sam_features is None:
+            sam_map = self.sam_features(image, valid_wh, rngs=rngs)
+        else:
+            encoder = self.sam.image_encoder
+            grid = image.shape[1] // encoder.patch_size
+            expected = (image.shape[0], grid, grid, encoder.out_chans)
+            if tuple(sam_features.shape) != expected:
+                raise ValueError(f"cached SAM features {batch_lib.SAM_FEATURES!r} have shape "
+                                 f"{tuple(sam_features.shape)}; this model's SAM gives "
+                                 f"{expected} for images {tuple(image.shape)}")
+            if "sam" not in self.frozen:
+                raise ValueError("cached SAM features need a frozen SAM (model.frozen has no "
+                                 f"'sam': {self.frozen}); turn config.data.sam_feature_cache "
+                                 "off to train SAM")
+            sam_map = sam_features.astype(self.dtype)
         if "sam" in self.frozen:
             sam_map = jax.lax.stop_gradient(sam_map)
+        mask = padding_mask(valid_wh, image.shape[1:3])
         eva_map = self.eva02(normalize_clip(image, mask))
         # Resized in float32 (bicubic overshoot), then back to the compute dtype.
         fused = fuse([eva_map, sam_map]).astype(self.dtype)
@@ -315,7 +340,7 @@ class PixelLLM(nnx.Module):
         """
         batch_lib.validate(batch)
         features = self.encode_image(batch[batch_lib.IMAGE], batch[batch_lib.VALID_WH],
-                                     rngs=rngs)
+                                     sam_features=batch.get(batch_lib.SAM_FEATURES), rngs=rngs)
         slot_inputs = {key: batch[key] for key in batch_lib.SLOT_KEYS}
         proposal_terms = None
         if self.proposal_head is not None:
