@@ -264,6 +264,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Bad records in a row that stop the pipeline (an unusable source would repeat forever).
     config.max_consecutive_skips = 1000
     config.num_threads = 2 if variant.startswith("smoke") else 16
+    # Frozen SAM's features read from a store the cache writer filled (off while the directory
+    # is empty): data_pipelines.pipeline.from_config, data_pipelines/sam_feature_store.py.
+    # `augmentations` is K, the fixed random framings per image that the store holds.
+    config.sam_feature_cache = {"directory": "", "augmentations": 1}
     config.train = _train_sources(variant, sizes)
     config.eval = _eval_sources(variant, sizes)
     return config

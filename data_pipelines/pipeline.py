@@ -41,7 +41,9 @@ records out and batches them. Each example carries its own task masks, so a batc
 
 :func:`from_config` and :func:`eval_from_config` build the pipelines of a data config
 (``configs/data.py``) from the builders' prepared data; ``config.batch_size`` is global and
-split over the hosts.
+split over the hosts. With ``config.sam_feature_cache.directory`` set, :func:`from_config`'s
+batches carry the frozen SAM encoder's cached features (:func:`with_sam_features`,
+:mod:`data_pipelines.sam_feature_store`).
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipelines import images
+from data_pipelines import images, sam_feature_store
 from data_pipelines.ops import registry
+from data_pipelines.ops import sam_features as sam_features_op
 from data_pipelines.skips import SkipCounter
 from pixelllm.batch import EVALUATION_SPEC, Sizes, example_spec
 
@@ -337,17 +340,69 @@ def sources_from_config(entries: Sequence[Mapping[str, Any]], *, data_dir: str |
     return sources
 
 
+def sam_feature_cache(config: Any) -> dict | None:
+    """The data config's SAM feature cache setting (``config.sam_feature_cache``) as
+    ``{"directory": str, "augmentations": int}``, or ``None`` where it is off (no setting, or
+    an empty directory)."""
+    cache = config.get("sam_feature_cache")
+    if not cache or not cache.get("directory"):
+        return None
+    augmentations = int(cache.get("augmentations", 1))
+    if augmentations < 1:
+        raise ValueError(f"sam_feature_cache.augmentations {augmentations} must be >= 1")
+    return {"directory": str(cache["directory"]), "augmentations": augmentations}
+
+
+def with_sam_features(entries: Sequence[Mapping[str, Any]], cache: Mapping[str, Any]
+                      ) -> list[dict]:
+    """Source entries (``configs/data.py``) whose run of geometry ops
+    (:data:`~data_pipelines.ops.sam_features.GEOMETRY_OPS`) is replaced by one ``sam_features``
+    op reading ``cache`` (:func:`sam_feature_cache`), with ``cache["augmentations"]`` fixed
+    draws per image, or 1 where the run draws nothing (``resize_and_pad`` alone: K copies of
+    one canvas would cost K times the SAM passes and the disk for nothing)."""
+    rewritten = []
+    for entry in entries:
+        entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
+        ops = [dict(op.to_dict() if hasattr(op, "to_dict") else op) for op in entry["ops"]]
+        where = [i for i, op in enumerate(ops) if op.get("op") in sam_features_op.GEOMETRY_OPS]
+        name = entry.get("name", entry.get("builder"))
+        if not where:
+            raise ValueError(f"source {name}: no geometry op "
+                             f"({', '.join(sam_features_op.GEOMETRY_OPS)}) for the SAM feature "
+                             "cache to wrap")
+        first, last = where[0], where[-1] + 1
+        if last - first != len(where):
+            raise ValueError(f"source {name}: its geometry ops {[op['op'] for op in ops]} are "
+                             "not one run, which the SAM feature cache needs to wrap")
+        geometry = ops[first:last]
+        draws = any(op["op"] not in sam_features_op.DETERMINISTIC_GEOMETRY_OPS
+                    for op in geometry)
+        wrapped = {"op": "sam_features", "directory": cache["directory"], "geometry": geometry,
+                   "augmentations": cache["augmentations"] if draws else 1}
+        rewritten.append({**entry, "ops": [*ops[:first], wrapped, *ops[last:]]})
+    return rewritten
+
+
 def from_config(config: Any, *, process_index: int | None = None,
                 process_count: int | None = None) -> InputPipeline:
     """The training pipeline of a data config: its ``train`` mixture, repeated and shuffled,
-    ``config.batch_size`` examples per step over all hosts."""
+    ``config.batch_size`` examples per step over all hosts. With the SAM feature cache on
+    (:func:`sam_feature_cache`), every source's geometry ops read cached features
+    (:func:`with_sam_features`) and the batches carry ``sam_features``."""
     process_index, process_count = _hosts(process_index, process_count)
     if config.batch_size % process_count:
         raise ValueError(f"batch size {config.batch_size} does not split over "
                          f"{process_count} hosts")
+    entries, sizes = config.train, Sizes(**config.sizes)
+    cache = sam_feature_cache(config)
+    if cache:
+        entries = with_sam_features(entries, cache)
+        manifest = sam_feature_store.read_manifest(cache["directory"])
+        sizes = dataclasses.replace(sizes, sam_grid=manifest.grid,
+                                    sam_channels=manifest.channels)
     return InputPipeline(
-        sources_from_config(config.train, data_dir=config.data_dir, tokenizer=config.tokenizer),
-        batch_size=config.batch_size // process_count, sizes=Sizes(**config.sizes),
+        sources_from_config(entries, data_dir=config.data_dir, tokenizer=config.tokenizer),
+        batch_size=config.batch_size // process_count, sizes=sizes,
         seed=config.seed, process_index=process_index, process_count=process_count,
         skip_policy=config.skip_policy, max_consecutive_skips=config.max_consecutive_skips,
         num_threads=config.num_threads)

@@ -10,6 +10,8 @@ Importing this package registers every op:
 ``horizontal_flip``     random mirror, "left"/"right" swapped or sided texts not flipped
 ``random_scale_crop``   scale jitter + random crop onto the canvas (training)
 ``resize_and_pad``      aspect-preserving resize onto the canvas (evaluation)
+``sam_features``        the geometry ops with K fixed draws per image, plus the canvas's
+                        cached SAM features (the SAM feature cache switch)
 ``slot``                the task's S caption slots and G ground-truth objects
 ``tokenize``            slot texts -> context/text tokens and per-token trace targets
 ======================  ==================================================================
@@ -19,8 +21,8 @@ slot(...)|tokenize(...)``.
 """
 
 from data_pipelines.ops import (decode, evaluation_metadata, horizontal_flip,
-                                random_scale_crop, registry, resize_and_pad, slot, task_prompt,
-                                tokenize)
+                                random_scale_crop, registry, resize_and_pad, sam_features, slot,
+                                task_prompt, tokenize)
 
 __all__ = ["decode", "evaluation_metadata", "horizontal_flip", "random_scale_crop", "registry",
-           "resize_and_pad", "slot", "task_prompt", "tokenize"]
+           "resize_and_pad", "sam_features", "slot", "task_prompt", "tokenize"]

@@ -95,8 +95,10 @@ def slot(*, task: str, slots: int, objects: int, train: bool = True) -> registry
             SLOT_TRACE: [None] * slots,
             GT_TEXT: [""] * objects,
         }
-        # Evaluation metadata (the evaluation_metadata op) rides along to the batch.
-        out.update({key: example[key] for key in batch.EVALUATION_SPEC if key in example})
+        # Evaluation metadata (the evaluation_metadata op) and cached SAM features (the
+        # sam_features op) ride along to the batch.
+        out.update({key: example[key] for key in (*batch.EVALUATION_SPEC, *batch.CACHED_SPEC)
+                    if key in example})
         if fields.OBJECT_ORIGINAL_MASKS in example:
             side = example[fields.OBJECT_ORIGINAL_MASKS].shape[1:]
             out[batch.ORIGINAL_MASKS] = np.zeros((slots, *side), bool)

@@ -445,3 +445,47 @@ def test_refseg_evaluation_batches_carry_the_original_size_masks(tokenizer_path)
     assert not batch["original_masks"][0, :, 16:].any()
     assert not batch["original_masks"][1].any()  # the all-zero filler example
     assert batch["target_masks"][0, 0, 1:3, 1:2].all()  # the canvas masks are still made
+
+
+def _random_pixels(record, seed):
+    """``record`` with random pixels of its image's shape (crops then differ visibly)."""
+    shape = record["image"].shape
+    return {**record, "image": np.random.default_rng(seed).integers(0, 256, shape, np.uint8)}
+
+
+def test_the_sam_feature_cache_switch_adds_each_canvas_features(tmp_path, tokenizer_path,
+                                                                monkeypatch):
+    from data_pipelines import sam_feature_store
+    from tests.data_pipelines.ops.test_sam_features import (CHANNELS, fill_store, records_from,
+                                                            synthetic_features)
+
+    records_from({"trace": [_random_pixels(_ln_record(i), i) for i in range(3)],
+                  "refer": [_random_pixels(_refer_record(i), 10 + i) for i in range(3)],
+                  "densecap": [_random_pixels(_vg_record(i), 20 + i) for i in range(3)]},
+                 monkeypatch)
+    config = data_config.get_config("smoke")
+    config.tokenizer, config.batch_size = tokenizer_path, 8
+    assert not pipeline.sam_feature_cache(config)  # off by default
+    config.sam_feature_cache.directory = str(tmp_path)
+    config.sam_feature_cache.augmentations = 2
+    planned = fill_store(config)[0]
+    # 3 trace images once (resize_and_pad draws nothing), 3 referring images x 2 (the three
+    # referring sources share their images and crop settings), 3 dense-captioning images x 2.
+    assert len(planned) == 15
+    batches = pipeline.from_config(config, process_index=0, process_count=1)
+    assert batches.sizes.sam_grid == 2 and batches.sizes.sam_channels == CHANNELS
+    batch = next(iter(batches))
+    assert batch["sam_features"].shape == (8, 2, 2, CHANNELS)
+    assert batch_lib.validate(batch)["F"] == 2
+    store = sam_feature_store.FeatureStore.open(tmp_path)
+    canvases = {key: canvas for key, canvas, _ in planned}
+    for image, features in zip(batch["image"], batch["sam_features"], strict=True):
+        # Each example's canvas is a planned one, and its features are that canvas's row.
+        keys = [key for key, canvas in canvases.items() if np.array_equal(canvas, image)]
+        assert any(np.array_equal(features, store.get(key)) for key in keys)
+        np.testing.assert_allclose(features, synthetic_features(image), rtol=1e-3)
+
+    config.train = [*config.train, {**config.train[0], "name": "no_geometry",
+                                    "ops": [{"op": "decode"}]}]
+    with pytest.raises(ValueError, match="source no_geometry: no geometry op"):
+        pipeline.from_config(config, process_index=0, process_count=1)
