@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 from absl import app, flags
@@ -30,17 +30,36 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True, flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder (config, checkpoints, metrics).",
                                flag_values=FLAGS)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host).",
-    flag_values=FLAGS)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.",
-                                      flag_values=FLAGS)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's index in a multi-host run.", flag_values=FLAGS)
-_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", None,
-    "Seconds jax.distributed waits for every process to join (default: JAX's).",
-    flag_values=FLAGS)
+
+
+class DistributedFlags(NamedTuple):
+    """The multi-host flags of a command-line tool (:func:`define_distributed_flags`)."""
+    coordinator_address: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+    initialization_timeout: flags.FlagHolder
+
+
+def define_distributed_flags(flag_values: flags.FlagValues) -> DistributedFlags:
+    """Defines ``--coordinator_address``, ``--num_processes``, ``--process_id`` and
+    ``--initialization_timeout`` in ``flag_values``, for :func:`initialize_distributed`."""
+    return DistributedFlags(
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None,
+            "host:port of process 0 for jax.distributed (multi-host).", flag_values=flag_values),
+        num_processes=flags.DEFINE_integer("num_processes", None,
+                                           "Processes in a multi-host run.",
+                                           flag_values=flag_values),
+        process_id=flags.DEFINE_integer("process_id", None,
+                                        "This process's index in a multi-host run.",
+                                        flag_values=flag_values),
+        initialization_timeout=flags.DEFINE_integer(
+            "initialization_timeout", None,
+            "Seconds jax.distributed waits for every process to join (default: JAX's).",
+            flag_values=flag_values))
+
+
+_DISTRIBUTED = define_distributed_flags(FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
@@ -68,10 +87,23 @@ def distributed_init_args(*, coordinator_address: str | None, num_processes: int
     return None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses this module's flags, then absl's own (``--v``, ``--logtostderr``, ...) from what is
-    left: ``app.run`` requires the global registry parsed, and it rejects unknown flags."""
-    return flags.FLAGS(FLAGS(argv, known_only=True))
+def initialize_distributed(distributed: DistributedFlags, environ: Mapping[str, str]) -> None:
+    """Runs ``jax.distributed.initialize`` for a multi-process launch
+    (:func:`distributed_init_args`); a single process initializes nothing."""
+    init_args = distributed_init_args(coordinator_address=distributed.coordinator_address.value,
+                                      num_processes=distributed.num_processes.value,
+                                      process_id=distributed.process_id.value, environ=environ)
+    if init_args is not None:
+        if distributed.initialization_timeout.value is not None:
+            init_args["initialization_timeout"] = distributed.initialization_timeout.value
+        jax.distributed.initialize(**init_args)
+
+
+def flags_parser(flag_values: flags.FlagValues) -> Callable[[list[str]], list[str]]:
+    """``app.run``'s ``flags_parser`` for a tool with its own registry: parses ``flag_values``,
+    then absl's own flags (``--v``, ``--logtostderr``, ...) from what is left (``app.run``
+    requires the global registry parsed, and it rejects unknown flags)."""
+    return lambda argv: flags.FLAGS(flag_values(argv, known_only=True))
 
 
 def main(argv: list[str]) -> None:
@@ -80,15 +112,9 @@ def main(argv: list[str]) -> None:
     # The run's own reports (parameter counts, initialization sources, evaluations) at INFO;
     # the libraries' (Orbax, TFDS) at absl's --verbosity (default: warnings).
     logging.getLogger("pixelllm").setLevel(logging.INFO)
-    init_args = distributed_init_args(coordinator_address=_COORDINATOR.value,
-                                      num_processes=_NUM_PROCESSES.value,
-                                      process_id=_PROCESS_ID.value, environ=os.environ)
-    if init_args is not None:
-        if _INITIALIZATION_TIMEOUT.value is not None:
-            init_args["initialization_timeout"] = _INITIALIZATION_TIMEOUT.value
-        jax.distributed.initialize(**init_args)
+    initialize_distributed(_DISTRIBUTED, os.environ)
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser(FLAGS))

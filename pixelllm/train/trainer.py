@@ -51,11 +51,12 @@ from jax.sharding import Mesh
 from orbax.checkpoint import multihost
 
 from data_pipelines import pipeline as pipeline_lib
+from data_pipelines import sam_feature_store
 from pixelllm import config_sizes, sharding
 from pixelllm.language.tokenizer import load_tokenizer
 from pixelllm.language.vocabulary import check_vocabulary
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
-from pixelllm.train import initialize, optimizer, trained_set
+from pixelllm.train import initialize, optimizer, sam_feature_cache, trained_set
 from pixelllm.train import train_step as train_step_lib
 from pixelllm.train.checkpointing import Checkpointer, PreemptionGuard
 from pixelllm.train.eval_loss import EvalLoss
@@ -94,6 +95,7 @@ class _Run:
     state: train_step_lib.TrainState
     settings: optimizer.OptimizerSettings
     step_fn: train_step_lib.StepFn
+    cached_sam_features: bool
 
 
 def build_model(config: Any) -> tuple[PixelLLM, Mesh, sharding.Rules]:
@@ -113,9 +115,25 @@ def build_model(config: Any) -> tuple[PixelLLM, Mesh, sharding.Rules]:
     return model, mesh, rules
 
 
+def _check_sam_feature_cache(config: Any, model: PixelLLM, trained: nnx.filterlib.Filter,
+                             mesh: Mesh, rules: sharding.Rules) -> bool:
+    """Whether the run reads cached SAM features; if it does, that they are this model's."""
+    cache = pipeline_lib.sam_feature_cache(config.data)
+    if cache is None:
+        return False
+    directory = cache["directory"]
+    sam_feature_cache.check_frozen(model, trained)
+    store = sam_feature_store.FeatureStore.open(directory)
+    sam_feature_cache.check_store(model, mesh, rules, store.metadata, directory=directory)
+    log.info("SAM features come from the cache %s (%d entries); SAM's image encoder does not "
+             "run in the train step", directory, len(store))
+    return True
+
+
 def _build(config: Any) -> _Run:
     model, mesh, rules = build_model(config)
     trained = trained_set.trained_filter(model, tuple(config.frozen))
+    cached_sam_features = _check_sam_feature_cache(config, model, trained, mesh, rules)
     log.info("parameters per module:\n%s",
              trained_set.format_counts(trained_set.parameter_counts(model, trained)))
     unsharded = sharding.unsharded_report(nnx.state(model), mesh, rules)
@@ -131,7 +149,7 @@ def _build(config: Any) -> _Run:
         accumulation_steps=config.train.accumulation_steps,
         # The optimizer clips (settings.grad_clip_norm): clipping twice would change nothing
         # but cost a pass over the gradient.
-        clip_norm=None, seed=config.seed)
+        clip_norm=None, seed=config.seed, cached_sam_features=cached_sam_features)
     # Processes finish building the model at different times; the first collective (placing
     # the state on the mesh) would set up CPU collectives (gloo), which wait only 30 s for
     # the other processes. They meet first at a barrier of JAX's coordination service.
@@ -140,7 +158,7 @@ def _build(config: Any) -> _Run:
     return _Run(mesh=mesh, rules=rules, graphdef=graphdef,
                 frozen=train_step_lib.place(frozen, mesh, rules),
                 state=train_step_lib.place(state, mesh, rules), settings=settings,
-                step_fn=step_fn)
+                step_fn=step_fn, cached_sam_features=cached_sam_features)
 
 
 def _saved_items(state: train_step_lib.TrainState) -> dict[str, Any]:
@@ -291,7 +309,8 @@ def _loop(config: Any, run: _Run, checkpointer: Checkpointer, data_iterator: Any
           evaluators: Mapping[str, Evaluator], workdir: epath.Path) -> int:
     settings, total = config.train, config.train.steps
     schedule = optimizer.learning_rate_schedule(run.settings)
-    shardings = train_step_lib.batch_shardings(run.mesh, run.rules)
+    shardings = train_step_lib.batch_shardings(run.mesh, run.rules,
+                                               cached_sam_features=run.cached_sam_features)
     step = int(run.state.step)
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()

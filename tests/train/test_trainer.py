@@ -259,3 +259,24 @@ def test_eval_only_evaluates_the_latest_checkpoint_and_trains_nothing(
     text, total = (scalars[f"eval/loss/ln_coco_trace_val/loss/{term}"]
                    for term in ("text", "total"))
     assert 0 < text < total < 1e3
+
+
+def test_a_run_on_the_sam_feature_cache_logs_the_losses_of_one_running_sam(
+        data, uninterrupted, compilation_cache, tmp_path):
+    """``pixelllm.tools.sam_cache`` stores each training image's SAM features (float32, exact);
+    a run reading them (trace_tiny's SAM has no drop path) trains like the run that ran SAM,
+    with a train step that does not run SAM's image encoder."""
+    from data_pipelines.sam_feature_store import FeatureStore
+    from pixelllm.tools import sam_cache
+    from pixelllm.train import sam_feature_cache
+
+    config = make_config(*data)
+    store = tmp_path / "sam_features"
+    config.data.sam_feature_cache.directory = str(store)
+    report = sam_cache.write(config, batch_size=4, dtype="float32")
+    # Six training images, one canvas each (Localized Narratives is resized, not cropped).
+    assert report.entries == 6 and len(FeatureStore.open(str(store))) == 6
+    assert sam_feature_cache.PROBE_KEY in FeatureStore.open(str(store)).metadata
+    workdir = tmp_path / "cached"
+    assert trainer.train(config, workdir) == STEPS
+    _assert_same_losses(workdir, uninterrupted, range(1, STEPS + 1))
