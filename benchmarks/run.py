@@ -35,7 +35,7 @@ import jax
 from benchmarks.decode_speed import device_name
 
 BENCHMARKS = ("train_step", "decode_speed", "caption_speed", "input_pipeline", "flop_utilization",
-              "memory", "task_speed")
+              "memory", "task_speed", "sam_cache")
 PACKAGE = pathlib.Path(__file__).parent
 
 

@@ -41,11 +41,15 @@ from configs import stages
 from pixelllm import batch as batch_lib
 from pixelllm import sharding
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
-from pixelllm.train import optimizer, trained_set
+from pixelllm.train import optimizer, sam_feature_cache, trained_set
 from pixelllm.train import train_step as train_step_lib
 from pixelllm.train.trainer import build_mesh
 
-MODES = {"trained": "trace_harness", "lora": "trace_harness_lora"}
+# Mode -> (stage config, whether batches carry cached SAM features). The cached modes measure
+# what the SAM feature cache saves (config.data.sam_feature_cache): the same step, SAM's image
+# encoder not run; their ``cache_saving`` is cached / uncached time of the same round.
+MODES = {"trained": ("trace_harness", False), "lora": ("trace_harness_lora", False),
+         "trained_cached": ("trace_harness", True), "lora_cached": ("trace_harness_lora", True)}
 
 
 def harness_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -85,9 +89,10 @@ class OurStep:
     """One stage config's compiled train step with its placed state, frozen parameters and
     batch; :meth:`call` runs one step on the device (the state is donated and replaced).
     ``config``: a stage config to use instead of ``stages.get_config(name)`` (a benchmark's
-    own variant of one)."""
+    own variant of one); ``cached_sam_features``: the batch carries SAM's features (computed
+    once here) and the step does not run SAM, as with the SAM feature cache."""
 
-    def __init__(self, name: str, *, config=None):
+    def __init__(self, name: str, *, config=None, cached_sam_features: bool = False):
         config = config or stages.get_config(name)
         self.config = config
         self.name = name
@@ -104,11 +109,16 @@ class OurStep:
         step = train_step_lib.make_train_step(
             graphdef, state, frozen, tx=tx, mesh=mesh, rules=rules, loss_weights=config.loss,
             batch_size=config.train.batch_size, accumulation_steps=config.train.accumulation_steps,
-            clip_norm=None, seed=config.seed)
+            clip_norm=None, seed=config.seed, cached_sam_features=cached_sam_features)
         self.state = train_step_lib.place(state, mesh, rules)
         self.frozen = train_step_lib.place(frozen, mesh, rules)
-        self.batch = jax.device_put(harness_batch(config),
-                                    train_step_lib.batch_shardings(mesh, rules))
+        batch = harness_batch(config)
+        if cached_sam_features:
+            encode = sam_feature_cache.make_encoder(model, mesh, rules)
+            batch[batch_lib.SAM_FEATURES] = np.asarray(
+                encode(batch[batch_lib.IMAGE], batch[batch_lib.VALID_WH]))
+        self.batch = jax.device_put(batch, train_step_lib.batch_shardings(
+            mesh, rules, cached_sam_features=cached_sam_features))
         start = time.perf_counter()
         self.compiled = step.lower(self.state, self.frozen, self.batch).compile()
         self.compile_s = time.perf_counter() - start
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Before XLA's CPU client exists: its thread pool is sized from this affinity.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
 
-    ours = {mode: OurStep(MODES[mode]) for mode in args.modes}
+    ours = {mode: OurStep(MODES[mode][0], cached_sam_features=MODES[mode][1])
+            for mode in args.modes}
     rounds = []
     for index in range(args.rounds):
         row = {mode: time_calls(step.call, warmup=args.warmup, calls=args.calls)
@@ -163,6 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
             row["official"] = anchor["timings"]["train_step"]
             for mode in ours:
                 row[mode]["ratio"] = row[mode]["median_s"] / row["official"]["median_s"]
+        for mode in ours:
+            uncached = mode.removesuffix("_cached")
+            if uncached != mode and uncached in ours:
+                row[mode]["cache_saving"] = row[mode]["median_s"] / row[uncached]["median_s"]
         rounds.append(row)
         print(f"round {index + 1}: " + ", ".join(
             f"{side} {record['median_s']:.3f} s" for side, record in row.items()), flush=True)
@@ -171,10 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {side: dict(median_s=statistics.median(r[side]["median_s"] for r in rounds),
                           min_s=min(r[side]["min_s"] for r in rounds)) for side in sides}
     for mode, step in ours.items():
-        summary[mode].update(config=MODES[mode], compile_s=step.compile_s, flops=step.flops,
+        summary[mode].update(config=MODES[mode][0], cached_sam_features=MODES[mode][1],
+                             compile_s=step.compile_s, flops=step.flops,
                              parameters={module: dict(trained=t, frozen=f)
                                          for module, t, f in step.counts},
                              first_step_metrics=step.first_metrics)
+        if "cache_saving" in rounds[0][mode]:
+            savings = [r[mode]["cache_saving"] for r in rounds]
+            summary[mode].update(cache_saving_median=statistics.median(savings),
+                                 cache_savings=savings)
         if not args.no_anchor:
             ratios = [r[mode]["ratio"] for r in rounds]
             # The fastest calls of each side: the least disturbed by other work on the machine.
@@ -206,6 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
                  if "ratio_median" in record else "")
         print(f"{side:>9} {config:>20} {trained:>15,} {record['median_s']:>9.3f} "
               f"{record['min_s']:>7.3f} {compile_s:>9.1f} {ratio:>24}")
+    for side in sides:
+        if "cache_saving_median" in summary[side]:
+            savings = summary[side]["cache_savings"]
+            print(f"SAM feature cache, {side.removesuffix('_cached')}: cached / uncached step "
+                  f"time {summary[side]['cache_saving_median']:.2f}x ({min(savings):.2f}-"
+                  f"{max(savings):.2f}), FLOPs {summary[side]['flops'] / 1e9:.1f} G vs "
+                  f"{summary[side.removesuffix('_cached')]['flops'] / 1e9:.1f} G")
 
     result = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
                   jax=jax.__version__, python=platform.python_version(), threads=args.threads,
@@ -230,6 +257,9 @@ def table_rows(result: dict) -> list[dict]:
         if "ratio_median" in record:
             rows.append(dict(measure=f"{side} / official step time", value=record["ratio_median"],
                              unit="x", target=("<=", 0.6) if side == "trained" else None))
+        if "cache_saving_median" in record:
+            rows.append(dict(measure=f"{side}: step time with / without the SAM feature cache",
+                             value=record["cache_saving_median"], unit="x"))
     return rows
 
 

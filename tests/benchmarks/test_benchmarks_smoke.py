@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from benchmarks import caption_speed, decode_speed, memory, run, task_speed
+from benchmarks import caption_speed, decode_speed, memory, run, sam_cache, task_speed
 from pixelllm.language.tokenizer import load_tokenizer
 from pixelllm.predictor import TRACE_PROMPT
 
@@ -168,3 +168,13 @@ def test_caption_speed_compares_batch_one_split_jit_rows_with_the_official():
         "infer_L128", "beam4_L32", "beam4_L128"}
     assert by_key["greedy_L128"]["official_loop_only"] and not by_key["infer_L128"][
         "official_loop_only"]
+
+
+def test_sam_cache_quick_counts_fewer_step_flops_with_cached_features(tmp_path):
+    result = sam_cache.main([*sam_cache.QUICK, "--out", str(tmp_path / "sam_cache.json")])
+    (row,) = result["rows"]
+    # The cached step leaves out SAM's image encoder: fewer FLOPs, and only those.
+    assert 0 < row["cached_flops_per_image"] < row["uncached_flops_per_image"]
+    assert 0 < row["flops_saved_fraction"] < 0.5
+    assert row["entry_bytes_float16"] == 8 * 8 * 32 * 2
+    assert json.loads((tmp_path / "sam_cache.json").read_text())["rows"] == result["rows"]
