@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (``jax.distributed``, CPU collectives over gloo, one device each)
 train through ``python -m pixelllm.main`` and log the same losses as one process with the same
-global batch on two devices; both runs write checkpoints.
+global batch on two devices; both runs write checkpoints, and the two processes resume from one
+to the same losses.
 
 This module is also the config file of its runs (``--config=tests/train/test_multiprocess.py``):
 ``configs/stages.py:trace_tiny`` on the Localized Narratives set built here (the smoke mixture's
@@ -12,6 +13,7 @@ time, for a run of 3 steps; the runs compared are compiled the same way).
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,9 +52,10 @@ def _free_port() -> int:
 class _Run:
     """One ``pixelllm.main`` process, its output in ``<log>``."""
 
-    def __init__(self, name: str, args: list[str], *, devices: int, log: Path):
+    def __init__(self, name: str, args: list[str], *, devices: int, log: Path,
+                 env: dict[str, str]):
         self.name, self.log = name, log
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, **env, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         with log.open("wb") as out:
             self.process = subprocess.Popen(
@@ -107,13 +110,17 @@ def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(tmp_pa
               # A large rate: the updates of steps 1-2 show in the losses of steps 2-3.
               "--config.optimizer.learning_rate=0.01"]
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    # One persistent compilation cache: the resumed processes below reuse the programs.
+    cache_env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     address = f"127.0.0.1:{_free_port()}"
     runs = [_Run("one process, 2 devices", [*common, f"--workdir={one}"], devices=2,
-                 log=tmp_path / "one.log")]
+                 log=tmp_path / "one.log", env=cache_env)]
     runs += [_Run(f"process {index} of 2", [
         *common, f"--workdir={two}", f"--coordinator_address={address}", "--num_processes=2",
         f"--process_id={index}", "--initialization_timeout=120"], devices=1,
-        log=tmp_path / f"two_{index}.log") for index in range(2)]
+        log=tmp_path / f"two_{index}.log", env=cache_env) for index in range(2)]
     _run_all(runs)
 
     expected, actual = _compared(read_metrics(one)), _compared(read_metrics(two))
@@ -133,3 +140,19 @@ def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(tmp_pa
                            (workdir / "checkpoints" / str(STEPS) / "data_iterator").glob("*.json"))
         assert positions == [f"process_{index}-of-{processes}.json"
                              for index in range(processes)]
+
+    # Resume on two processes: as if both were killed after step 3 before its checkpoint, they
+    # restart from step 2's (each its parameter shards and its own data iterator position)
+    # and train step 3 again, to the same losses.
+    shutil.rmtree(two / "checkpoints" / str(STEPS))
+    address = f"127.0.0.1:{_free_port()}"
+    _run_all([_Run(f"resumed process {index} of 2", [
+        *common, f"--workdir={two}", f"--coordinator_address={address}", "--num_processes=2",
+        f"--process_id={index}", "--initialization_timeout=120"], devices=1,
+        log=tmp_path / f"resumed_{index}.log", env=cache_env) for index in range(2)])
+    resumed = _compared(read_metrics(two))
+    assert "resumed at step 2" in (tmp_path / "resumed_0.log").read_text()
+    for name, value in actual[STEPS].items():
+        np.testing.assert_allclose(resumed[STEPS][name], value, rtol=1e-6, atol=1e-7,
+                                   err_msg=f"resumed step {STEPS}: {name}")
+    assert _checkpoint_steps(two) == [2, STEPS]
