@@ -81,10 +81,16 @@ def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[s
     text_gate = _gate(inputs, "text")
     if weights["text_on_referring"]:
         text_gate = jnp.maximum(text_gate, _gate(inputs, "box"))
-    text_weight = inputs[batch_lib.TEXT_MASK][..., 1:].astype(jnp.float32) * text_gate[..., None]
+    # Position i predicts token i + 1. The last position, which predicts nothing, gets weight 0
+    # and a dummy target rather than being sliced off the logits: the slice would copy the
+    # [B, S, L, V] logits and its gradient pad them back (same values; the projection and loss,
+    # forward and backward, about 9% faster at the harness's sizes on CPU).
+    tokens, text_mask = inputs[batch_lib.TEXT_TOKENS], inputs[batch_lib.TEXT_MASK]
+    next_tokens = jnp.concatenate([tokens[..., 1:], jnp.zeros_like(tokens[..., :1])], axis=-1)
+    predicts = jnp.concatenate([text_mask[..., 1:], jnp.zeros_like(text_mask[..., :1])], axis=-1)
+    text_weight = predicts.astype(jnp.float32) * text_gate[..., None]
     terms["text"] = losses.text_cross_entropy(
-        slots.logits[..., :-1, :], inputs[batch_lib.TEXT_TOKENS][..., 1:], text_weight,
-        label_smoothing=weights["label_smoothing"])
+        slots.logits, next_tokens, text_weight, label_smoothing=weights["label_smoothing"])
 
     point_weight = (inputs[batch_lib.TOKEN_POINTS_MASK].astype(jnp.float32)
                     * _gate(inputs, "points")[..., None])
