@@ -76,7 +76,7 @@ from pixelllm.checkpoints.key_map import TRANSPOSE, Rule, prefixed
 from pixelllm.language import decoding
 from pixelllm.language.added_tokens import AddedTokenRows, AddedTokens
 from pixelllm.language.interface import DecodeStart, TextOutput
-from pixelllm.nn import activations, lora
+from pixelllm.nn import activations, lora, output_projection
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.lora import LoRASettings
 from pixelllm.nn.norms import RMSNorm
@@ -597,13 +597,8 @@ class DecoderLM(AddedTokenRows, nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., D]`` (after the final norm) -> float32 ``[..., V]`` after the final
         soft-cap, added tokens last."""
-        if self.lm_head is None:
-            logits = jnp.einsum("...d,vd->...v", hidden,
-                                self.embedding.get_value().astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head.get_value().astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
+        kernel = self.embedding.get_value().T if self.lm_head is None else self.lm_head.get_value()
+        logits = output_projection.project(hidden, kernel.astype(hidden.dtype))
         if self.added_tokens is not None:
             logits = jnp.concatenate([logits, self.added_tokens.logits(hidden)], axis=-1)
         return _softcap(logits, self.config.final_logit_softcap)

@@ -66,7 +66,7 @@ from pixelllm.checkpoints.key_map import TRANSPOSE, Rule, prefixed
 from pixelllm.language import decoding
 from pixelllm.language.added_tokens import AddedTokenRows, AddedTokens
 from pixelllm.language.interface import DecodeStart, TextOutput
-from pixelllm.nn import activations, lora
+from pixelllm.nn import activations, lora, output_projection
 from pixelllm.nn.dropout import inverted_dropout
 from pixelllm.nn import remat as remat_lib
 from pixelllm.nn.lora import LoRASettings
@@ -569,8 +569,7 @@ class T5(AddedTokenRows, nnx.Module):
             # Original T5: rescale so the embedding's scale suits the tied output projection.
             hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
         kernel = self.embedding.get_value().T if self.lm_head is None else self.lm_head.get_value()
-        logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = output_projection.project(hidden, kernel.astype(hidden.dtype))
         if self.added_tokens is not None:
             logits = jnp.concatenate([logits, self.added_tokens.logits(hidden)], axis=-1)
         return logits
