@@ -89,8 +89,12 @@ def compute(outputs: Outputs, batch: Mapping[str, jax.Array], weights: Mapping[s
     next_tokens = jnp.concatenate([tokens[..., 1:], jnp.zeros_like(tokens[..., :1])], axis=-1)
     predicts = jnp.concatenate([text_mask[..., 1:], jnp.zeros_like(text_mask[..., :1])], axis=-1)
     text_weight = predicts.astype(jnp.float32) * text_gate[..., None]
+    # Over [B * S, L, V], the language model's own shape: XLA then folds the model's reshape
+    # to [B, S, L, V] away, which it otherwise runs as a copy of the logits when S is 1.
+    length, vocab = slots.logits.shape[-2:]
     terms["text"] = losses.text_cross_entropy(
-        slots.logits, next_tokens, text_weight, label_smoothing=weights["label_smoothing"])
+        slots.logits.reshape(-1, length, vocab), next_tokens.reshape(-1, length),
+        text_weight.reshape(-1, length), label_smoothing=weights["label_smoothing"])
 
     point_weight = (inputs[batch_lib.TOKEN_POINTS_MASK].astype(jnp.float32)
                     * _gate(inputs, "points")[..., None])
