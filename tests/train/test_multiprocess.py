@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from configs import stages
+from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -56,7 +57,7 @@ class _Run:
                  env: dict[str, str]):
         self.name, self.log = name, log
         env = {**os.environ, **env, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+               "XLA_FLAGS": xla_flags(devices=devices)}
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pixelllm.main", *args], cwd=REPO, env=env,

@@ -57,7 +57,9 @@ def test_cached_features_give_the_image_features_and_gradients_of_running_sam(ti
              if path[0] == "eva02"]
     assert eva02 and any(np.abs(a.get_value()).max() > 0 for a, _ in eva02)
     for a, b in eva02:
-        np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-6)
+        # Two programs (SAM in or out): float32 reassociation, relative to the gradient's scale.
+        scale = np.abs(b.get_value()).max()
+        np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_cached_features_of_another_shape_or_an_unfrozen_sam_are_refused(tiny):
