@@ -1,25 +1,15 @@
 """The training entry point: config flags with overrides reach the trainer; jax.distributed is
 initialized only for a multi-process launch."""
 
-import sys
-
 import pytest
 
 from pixelllm import main as main_lib
+from tests import flag_parsing
 
 
 @pytest.fixture
 def parsed_flags(monkeypatch):
-    """Parses a command line into the entry point's flags; unparses them afterwards. The config
-    flag reads its overrides from ``sys.argv``, so the command line goes there too."""
-
-    def parse(*argv):
-        monkeypatch.setattr(sys, "argv", ["main", *argv])
-        main_lib.FLAGS.unparse_flags()
-        main_lib.FLAGS(sys.argv)
-
-    yield parse
-    main_lib.FLAGS.unparse_flags()
+    yield from flag_parsing.parsed_flags(main_lib.FLAGS, monkeypatch, "main")
 
 
 def test_overrides_reach_the_trainer(parsed_flags, monkeypatch, tmp_path):

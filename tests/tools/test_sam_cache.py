@@ -1,25 +1,15 @@
 """The SAM feature cache writer's command line (the writing itself is tested end to end in
 tests/train/test_trainer.py: the tool's store, then a run on it)."""
 
-import sys
-
 import pytest
 
 from pixelllm.tools import sam_cache
+from tests import flag_parsing
 
 
 @pytest.fixture
 def parsed_flags(monkeypatch):
-    """Parses a command line into the tool's flags (the config flag reads its overrides from
-    ``sys.argv``); unparses them afterwards."""
-
-    def parse(*argv):
-        monkeypatch.setattr(sys, "argv", ["sam_cache", *argv])
-        sam_cache.FLAGS.unparse_flags()
-        sam_cache.FLAGS(sys.argv)
-
-    yield parse
-    sam_cache.FLAGS.unparse_flags()
+    yield from flag_parsing.parsed_flags(sam_cache.FLAGS, monkeypatch, "sam_cache")
 
 
 def test_flags_and_overrides_reach_the_writer(parsed_flags, monkeypatch, tmp_path, capsys):
