@@ -37,8 +37,6 @@ from data_pipelines import pipeline, sam_feature_plan, sam_feature_store
 from pixelllm import main as main_lib
 from pixelllm.train import sam_feature_cache, train_step, trainer
 
-log = logging.getLogger(__name__)
-
 # How often the shard's index is written: an interrupted writer loses at most this much work.
 FLUSH_SECONDS = 300
 
@@ -80,7 +78,7 @@ def write(config: Any, *, batch_size: int, dtype: str = "float16") -> WriteRepor
                          f"mesh's {shards} batch shards")
     probe = sam_feature_cache.probe_signature(model, mesh, rules)
     encode = sam_feature_cache.make_encoder(model, mesh, rules)
-    sharding = sam_feature_cache.batch_sharding(mesh, rules)
+    sharding = train_step.batch_sharding(mesh, rules)
     canvas = probe["canvas"]
     writer = sam_feature_store.ShardWriter(directory, shard=index, num_shards=count,
                                            grid=probe["grid"], channels=probe["channels"],

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from pixelllm import sharding
 from pixelllm.models.pixel_llm.pixel_llm import PixelLLM
@@ -60,7 +60,7 @@ def probe_signature(model: PixelLLM, mesh: Mesh, rules: sharding.Rules) -> dict[
     image, valid_wh = probe_canvas(canvas)
     # One copy of the probe per batch shard: the batch axis must split over the mesh.
     copies = train_step.batch_shards(mesh, rules)
-    batch = batch_sharding(mesh, rules)
+    batch = train_step.batch_sharding(mesh, rules)
     image, valid_wh = (jax.make_array_from_callback((copies, *x.shape[1:]), batch,
                                                     lambda index, x=x: np.repeat(
                                                         x, copies, axis=0)[index])
@@ -113,19 +113,14 @@ def check_frozen(model: PixelLLM, trained: nnx.filterlib.Filter) -> None:
             f"({len(names)} arrays, e.g. {names[0]}); cached features need it frozen")
 
 
-def batch_sharding(mesh: Mesh, rules: sharding.Rules) -> NamedSharding:
-    """Arrays ``[B, ...]`` split over the mesh's batch axes."""
-    return NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules, mesh=mesh))
-
-
 def make_encoder(model: PixelLLM, mesh: Mesh, rules: sharding.Rules
                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """A jitted ``(image [B, H, W, 3], valid_wh [B, 2]) -> SAM features [B, F, F, C]`` float32
-    on ``mesh``, the batch split over its batch axes (:func:`batch_sharding`; pass global
-    arrays, e.g. from each process's share of the batch): exactly :meth:`PixelLLM.sam_features`
-    without drop path, what the cache stores."""
+    on ``mesh``, the batch split over its batch axes (:func:`train_step.batch_sharding`; pass
+    global arrays, e.g. from each process's share of the batch): exactly
+    :meth:`PixelLLM.sam_features` without drop path, what the cache stores."""
     graphdef, state = nnx.split(model)
-    batch = batch_sharding(mesh, rules)
+    batch = train_step.batch_sharding(mesh, rules)
 
     def encode(state, image, valid_wh):
         return nnx.merge(graphdef, state).sam_features(image, valid_wh).astype(jnp.float32)

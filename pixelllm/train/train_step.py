@@ -103,13 +103,17 @@ def place(tree: Any, mesh: Mesh, rules: sharding.Rules) -> Any:
     return jax.device_put(tree, tree_shardings(tree, mesh, rules))
 
 
+def batch_sharding(mesh: Mesh, rules: sharding.Rules) -> NamedSharding:
+    """An array ``[B, ...]`` split over the mesh's batch axes."""
+    return NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules, mesh=mesh))
+
+
 def batch_shardings(mesh: Mesh, rules: sharding.Rules, *, cached_sam_features: bool = False
                     ) -> dict[str, NamedSharding]:
     """Every key of the batch contract (with ``cached_sam_features``, also
     :data:`pixelllm.batch.SAM_FEATURES`) split over its leading (batch) axis."""
-    spec = sharding.logical_to_spec(("batch",), rules, mesh=mesh)
     keys = {**batch_lib.SPEC, **(batch_lib.CACHED_SPEC if cached_sam_features else {})}
-    return {key: NamedSharding(mesh, spec) for key in keys}
+    return dict.fromkeys(keys, batch_sharding(mesh, rules))
 
 
 def batch_shards(mesh: Mesh, rules: sharding.Rules) -> int:
